@@ -1,0 +1,93 @@
+r"""Trains one config.
+
+  python -m launch.train --config=configs/digits.py --workdir=runs/digits \
+      [--config.KEY=VALUE ...] [--testing]
+
+Writes WORKDIR/config.json, WORKDIR/metrics.jsonl and WORKDIR/checkpoints/.
+`--testing` is the single-device testing mode: one device, a few train steps
+and a short eval, no checkpoints; it prints one verdict line and exits 0 on
+PASS, 1 on FAIL. Bad input prints one `error: ...` line and exits 2.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# pylint: disable=wrong-import-position
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (ml_collections), e.g. configs/digits.py. "
+    "Override any key with --config.KEY=VALUE.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/."
+    " The same command on the same workdir resumes from the last checkpoint."
+    " Optional with --testing.")
+_TESTING = flags.DEFINE_bool(
+    "testing", False, "Single-device testing mode: one device, a few steps, "
+    "no checkpoints, a one-line PASS/FAIL verdict.")
+
+EXIT_USAGE = 2
+
+
+def fail(message: str) -> None:
+  """Prints one error line and exits with status 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors instead of a usage dump."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  except Exception as e:  # config file that raises on load
+    fail(f"cannot load the config: {type(e).__name__}: {e}")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+  if _CONFIG.value is None:
+    fail("--config is required, e.g. --config=configs/digits.py")
+  if not _WORKDIR.value and not _TESTING.value:
+    fail("--workdir is required (it may be omitted with --testing)")
+  from trainer import run as run_lib  # pylint: disable=import-outside-toplevel
+  from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+  config_path = flags.FLAGS["config"].config_filename
+  try:
+    result = run_lib.run(_CONFIG.value, _WORKDIR.value, testing=_TESTING.value)
+  except UserError as e:
+    fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    if not _TESTING.value:
+      raise
+    logging.exception("testing run failed")
+    print(f"testing: FAIL {config_path}: {type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''}")
+    sys.exit(1)
+  logs = result.logs
+  if _TESTING.value:
+    import math  # pylint: disable=import-outside-toplevel
+    ok = math.isfinite(logs.get("loss", float("nan"))) and (
+        "eval/accuracy" in logs) and result.steps > 0
+    verdict = "PASS" if ok else "FAIL"
+    print(f"testing: {verdict} {config_path}: {result.steps} steps on "
+          f"{result.device} in {result.seconds:.1f}s, loss "
+          f"{logs.get('loss', float('nan')):.4f}, eval accuracy "
+          f"{logs.get('eval/accuracy', float('nan')):.4f} on "
+          f"{logs.get('eval/num_examples', 0)} examples")
+    sys.exit(0 if ok else 1)
+  logging.info("done: step %d, %s", result.steps,
+               {k: round(v, 4) for k, v in logs.items()
+                if isinstance(v, float)})
+  print(f"done: {result.steps} steps in {result.seconds:.1f}s, eval accuracy "
+        f"{logs.get('eval/accuracy', float('nan')):.4f}, eval loss "
+        f"{logs.get('eval/loss', float('nan')):.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,20 @@
+"""A strategy-aware training framework for TensorFlow 2 / Keras 3.
+
+Public API:
+  build_strategy, configure_cpu_devices   trainer.strategy
+  set_policy                              trainer.precision
+  Trainer                                 trainer.loop
+  input_fn, load_source                   trainer.data
+  run                                     trainer.run (config -> trained run)
+  UserError, ConfigError, DataError       trainer.errors
+"""
+
+from trainer.data import input_fn, load_source
+from trainer.errors import ConfigError, DataError, UserError
+from trainer.loop import Trainer
+from trainer.precision import set_policy
+from trainer.strategy import build_strategy, configure_cpu_devices
+
+__all__ = ["ConfigError", "DataError", "Trainer", "UserError",
+           "build_strategy", "configure_cpu_devices", "input_fn",
+           "load_source", "set_policy"]

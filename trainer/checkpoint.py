@@ -1,0 +1,74 @@
+"""tf.train checkpoints of the model, optimizer (loss scale included) and
+global step, in `WORKDIR/checkpoints/`.
+
+In multi-worker runs every worker saves (saving is a collective, DESIGN.md
+fact 11); only the chief writes to the workdir, the others to a scratch
+directory that is deleted afterwards.
+"""
+
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+
+class Checkpointer:
+  """Saves and restores one run's state.
+
+  Args:
+    directory: where the chief keeps checkpoints.
+    model, optimizer, global_step: the state to save.
+    is_chief: False on non-chief workers (they write to a scratch dir).
+    max_to_keep: checkpoints kept on disk.
+  """
+
+  def __init__(self, directory: str, *, model, optimizer, global_step,
+               is_chief: bool = True, max_to_keep: int = 3):
+    self._scratch = None if is_chief else tempfile.mkdtemp(prefix="ckpt_")
+    self.directory = directory if is_chief else self._scratch
+    self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                          global_step=global_step)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, self.directory, max_to_keep=max_to_keep,
+        step_counter=global_step)
+
+  def restore_latest(self) -> int | None:
+    """Restores the newest checkpoint; returns its step, or None if none."""
+    path = self.manager.latest_checkpoint
+    if not path:
+      return None
+    self.checkpoint.restore(path).assert_existing_objects_matched()
+    step = int(self.checkpoint.global_step.numpy())
+    logging.info("restored %s (step %d)", path, step)
+    return step
+
+  def save(self) -> str:
+    step = int(self.checkpoint.global_step.numpy())
+    if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(
+        f"-{step}"):
+      return self.manager.latest_checkpoint
+    return self.manager.save(checkpoint_number=step)
+
+  def close(self) -> None:
+    if self._scratch:
+      shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+class CheckpointEvery(keras.callbacks.Callback):
+  """Saves every `every` global steps (0 = never) and at the end of training."""
+
+  def __init__(self, checkpointer: Checkpointer, every: int):
+    super().__init__()
+    self.checkpointer, self.every, self._last = checkpointer, every, 0
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.every and batch // self.every > self._last // self.every:
+      self.checkpointer.save()
+    self._last = batch
+
+  def on_train_end(self, logs=None):
+    path = self.checkpointer.save()
+    logging.info("saved %s", path)

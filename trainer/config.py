@@ -1,0 +1,109 @@
+"""The config schema: defaults for every key and the checks run before training.
+
+Experiment files in `configs/` start from `default_config()` and override what
+they need. `validate()` runs before anything touches the workdir, so bad input
+never leaves a half-written run behind.
+"""
+
+import ml_collections
+
+from trainer.errors import ConfigError
+
+STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key the framework reads, with its default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"  # digits | synthetic | any TFDS name
+  c.data.global_batch_size = 128  # examples per step, summed over all replicas
+  c.data.eval_batch_size = 256  # global
+  c.data.data_dir = ""  # TFDS data_dir ("" = TFDS default)
+  c.data.image_size = 0  # resize images to this square size (0 = keep)
+  c.data.shuffle_buffer = 10_000
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  # synthetic only: per-example input shape, classes and examples held in memory.
+  c.data.synthetic_shape = (8, 8, 1)
+  c.data.num_classes = 10
+  c.data.synthetic_examples = 4096
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "mlp"  # see trainer.models.MODELS
+  c.model.width = 128  # hidden units (mlp) or base filters (cnn, resnet)
+  c.model.depth = 2  # hidden layers (mlp) or blocks per stage (resnet)
+  c.model.dropout = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.momentum = 0.9  # momentum only
+  c.optimizer.weight_decay = 0.0  # adamw only
+  c.optimizer.global_clipnorm = 0.0  # 0 = no clipping; clips the all-reduced gradient
+  c.optimizer.schedule = "constant"  # constant | cosine
+  c.optimizer.warmup_steps = 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.steps_per_loop = 50  # steps per host call (one tf.function call)
+  c.train.eval_every = 500  # 0 = only at the end
+  c.train.checkpoint_every = 1000  # 0 = only at the end
+  c.train.max_checkpoints = 3
+  c.train.grad_accum_steps = 1
+  c.train.jit_compile = False
+  c.train.deterministic = False
+
+  c.distribution = ml_collections.ConfigDict()
+  c.distribution.strategy = "auto"
+  c.distribution.num_cpu_devices = 1  # split the host CPU into N logical devices
+
+  c.precision = ml_collections.ConfigDict()
+  c.precision.policy = "float32"
+  return c
+
+
+def _choice(value, allowed, key):
+  if value not in allowed:
+    raise ConfigError(
+        f"unknown {key} {value!r}; use one of: {', '.join(allowed)}")
+
+
+def _positive(value, key, kind=int):
+  if not isinstance(value, (int, float)) or value <= 0 or (
+      kind is int and int(value) != value):
+    raise ConfigError(f"{key} must be a positive {kind.__name__}, got {value!r}")
+
+
+def _non_negative(value, key):
+  if not isinstance(value, (int, float)) or value < 0:
+    raise ConfigError(f"{key} must be >= 0, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks what can be checked without TensorFlow; raises ConfigError."""
+  _choice(config.distribution.strategy, STRATEGIES, "distribution.strategy")
+  _choice(config.precision.policy, POLICIES, "precision.policy")
+  _choice(config.optimizer.name, OPTIMIZERS, "optimizer.name")
+  _choice(config.optimizer.schedule, SCHEDULES, "optimizer.schedule")
+  _positive(config.data.global_batch_size, "data.global_batch_size")
+  _positive(config.data.eval_batch_size, "data.eval_batch_size")
+  _positive(config.train.steps, "train.steps")
+  _positive(config.train.steps_per_loop, "train.steps_per_loop")
+  _positive(config.train.grad_accum_steps, "train.grad_accum_steps")
+  _positive(config.train.max_checkpoints, "train.max_checkpoints")
+  _positive(config.optimizer.learning_rate, "optimizer.learning_rate", float)
+  _positive(config.distribution.num_cpu_devices,
+            "distribution.num_cpu_devices")
+  _non_negative(config.optimizer.global_clipnorm, "optimizer.global_clipnorm")
+  _non_negative(config.optimizer.warmup_steps, "optimizer.warmup_steps")
+  _non_negative(config.train.eval_every, "train.eval_every")
+  _non_negative(config.train.checkpoint_every, "train.checkpoint_every")
+  if config.train.grad_accum_steps != 1:
+    raise ConfigError("train.grad_accum_steps > 1 is not supported yet; "
+                      "set it to 1")

@@ -1,0 +1,165 @@
+"""Datasets by name, served per replica through `InputContext`.
+
+Sources (`data.name`):
+  digits     the 8x8 handwritten digits that ship inside scikit-learn (offline;
+             1797 images, a fixed split of 1497 train / 300 eval);
+  synthetic  random images and labels of `data.synthetic_shape`, held in memory;
+  <tfds>     any TFDS image-classification dataset already in `data.data_dir`
+             (never downloads: no network is assumed).
+
+Every source yields unbatched `(image float32 [H, W, C] in [0, 1], label int32)`.
+`input_fn` turns one into a function of `tf.distribute.InputContext` for
+`strategy.distribute_datasets_from_function`: seeded shuffle, per-replica
+batches, then batch-level sharding across input pipelines (workers), so the
+k-th global batch holds the same examples whatever the replica layout.
+"""
+
+import dataclasses
+from typing import Callable
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from trainer.errors import ConfigError, DataError
+
+DIGITS_EVAL_EXAMPLES = 300
+DIGITS_SPLIT_SEED = 1234  # fixed: the split never depends on config.seed
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """What the model needs to know about a dataset."""
+  input_shape: tuple  # per example, e.g. (8, 8, 1)
+  num_classes: int
+  num_train: int | None  # None when the source does not say (mock data)
+  num_eval: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  train: tf.data.Dataset  # unbatched (image, label), finite
+  eval: tf.data.Dataset
+  info: DataInfo
+
+
+def _digits() -> Source:
+  from sklearn import datasets as sk_datasets  # pylint: disable=import-outside-toplevel
+  digits = sk_datasets.load_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]
+  labels = digits.target.astype(np.int32)
+  order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(labels))
+  eval_idx, train_idx = (order[:DIGITS_EVAL_EXAMPLES],
+                         order[DIGITS_EVAL_EXAMPLES:])
+  make = lambda idx: tf.data.Dataset.from_tensor_slices(
+      (images[idx], labels[idx]))
+  return Source(make(train_idx), make(eval_idx),
+                DataInfo((8, 8, 1), 10, len(train_idx), len(eval_idx)))
+
+
+def _synthetic(cfg: ml_collections.ConfigDict, seed: int) -> Source:
+  shape = tuple(int(d) for d in cfg.synthetic_shape)
+  n = int(cfg.synthetic_examples)
+  if n <= 0 or not shape or min(shape) <= 0:
+    raise DataError("data.synthetic_shape and data.synthetic_examples must be "
+                    f"positive, got {shape} and {n}")
+  rng = np.random.RandomState(seed)
+  images = rng.uniform(size=(n,) + shape).astype(np.float32)
+  labels = rng.randint(0, cfg.num_classes, size=n).astype(np.int32)
+  ds = tf.data.Dataset.from_tensor_slices((images, labels))
+  return Source(ds, ds, DataInfo(shape, int(cfg.num_classes), n, n))
+
+
+def _tfds(cfg: ml_collections.ConfigDict, seed: int) -> Source:
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  data_dir = cfg.data_dir or None
+  try:
+    builder = tfds.builder(cfg.name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(f"unknown data.name {cfg.name!r}: not digits, synthetic "
+                    "or a TFDS dataset name (see `tfds.list_builders()`)"
+                    ) from None
+  features = builder.info.features
+  if "image" not in features or "label" not in features:
+    raise DataError(f"TFDS dataset {cfg.name!r} has no image/label features;"
+                    " only image classification datasets are supported")
+
+  def load(split, training):
+    try:
+      ds = builder.as_dataset(
+          split=split, as_supervised=True, shuffle_files=training,
+          read_config=tfds.ReadConfig(shuffle_seed=seed))
+    except AssertionError:
+      raise DataError(
+          f"TFDS dataset {cfg.name!r} is not in data_dir "
+          f"{data_dir or tfds.core.constants.DATA_DIR!r} and this machine is "
+          "offline; prepare it where there is network (`tfds build "
+          f"{cfg.name} --data_dir=DIR`), copy DIR here and set "
+          "--config.data.data_dir=DIR") from None
+    except ValueError as e:
+      raise DataError(f"TFDS dataset {cfg.name!r}: {e}") from None
+    size = int(cfg.image_size)
+
+    def prepare(image, label):
+      image = tf.image.convert_image_dtype(image, tf.float32)
+      if size:
+        image = tf.image.resize(image, (size, size))
+      return image, tf.cast(label, tf.int32)
+
+    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def split_size(split):
+    info = builder.info.splits.get(split) if builder.info.splits else None
+    return info.num_examples if info else None
+
+  shape = tuple(features["image"].shape)
+  if cfg.image_size:
+    shape = (int(cfg.image_size), int(cfg.image_size), shape[-1])
+  if None in shape:
+    raise DataError(f"TFDS dataset {cfg.name!r} has images of varying size; "
+                    "set --config.data.image_size=N to resize them")
+  return Source(load(cfg.train_split, True), load(cfg.eval_split, False),
+                DataInfo(shape, int(features["label"].num_classes),
+                         split_size(cfg.train_split),
+                         split_size(cfg.eval_split)))
+
+
+def load_source(cfg: ml_collections.ConfigDict, seed: int) -> Source:
+  """The dataset named by `cfg.name` (the config's `data` section)."""
+  if cfg.name == "digits":
+    return _digits()
+  if cfg.name == "synthetic":
+    return _synthetic(cfg, seed)
+  return _tfds(cfg, seed)
+
+
+def input_fn(examples: tf.data.Dataset, *, global_batch_size: int,
+             training: bool, seed: int = 0, shuffle_buffer: int = 10_000
+            ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+  """A dataset function for `strategy.distribute_datasets_from_function`.
+
+  Training: shuffled with `seed` (reshuffled each epoch), repeated, full
+  batches only. Eval: one pass in order, the last batch partial, so every
+  example is seen exactly once.
+  """
+
+  def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    per_replica = ctx.get_per_replica_batch_size(global_batch_size)
+    ds = examples
+    if training:
+      ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+      ds = ds.repeat()
+    ds = ds.batch(per_replica, drop_remainder=training)
+    if ctx.num_input_pipelines > 1:
+      ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  return dataset_fn
+
+
+def check_batch_size(global_batch_size: int, num_replicas: int,
+                     key: str = "data.global_batch_size") -> None:
+  if global_batch_size % num_replicas:
+    raise ConfigError(
+        f"{key}={global_batch_size} cannot be shared evenly by "
+        f"{num_replicas} replicas; use a multiple of {num_replicas}")

@@ -1,0 +1,227 @@
+"""The Trainer: the outer training loop, evaluation, and the Python API.
+
+`train_steps` runs `steps_per_loop` train steps per host call: a `tf.range`
+loop inside one `tf.function` (as in Orbit's loop_fns), each step a
+`strategy.run` of the per-replica step in trainer/step.py. A finite dataset
+ends the loop early; a partial last batch is averaged over its real size.
+"""
+
+import time
+from typing import Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from trainer import precision
+from trainer.step import ComputeLoss, TrainStep, make_compute_loss
+
+DatasetLike = tf.data.Dataset | Callable[[tf.distribute.InputContext],
+                                         tf.data.Dataset]
+
+
+def _clone_metric(metric: keras.metrics.Metric) -> keras.metrics.Metric:
+  return metric.__class__.from_config(metric.get_config())
+
+
+def _resolve_loss(loss) -> Callable:
+  """A per-example loss callable from a name, a Keras loss or a function."""
+  if isinstance(loss, str):
+    return keras.losses.get({"class_name": loss,
+                             "config": {"reduction": "none"}})
+  if isinstance(loss, keras.losses.Loss) and loss.reduction != "none":
+    raise ValueError(f"the loss {loss.name!r} reduces with "
+                     f"{loss.reduction!r}; create it with reduction='none' so "
+                     "the trainer can average over the global batch")
+  return loss
+
+
+class Trainer:
+  """Trains a Keras model under a tf.distribute strategy.
+
+  Args:
+    model: a Keras model created inside `strategy.scope()`.
+    optimizer: a Keras optimizer. One created outside the scope is re-created
+      inside it from its config; read the one in use from `trainer.optimizer`.
+      Under the `mixed_float16` policy it is wrapped in LossScaleOptimizer.
+    loss: a per-example loss `(y_true, y_pred) -> [batch]`, a Keras loss with
+      reduction='none', or a Keras loss class name such as
+      "SparseCategoricalCrossentropy" (then from_logits is False).
+    compute_loss: instead of `loss`, the whole per-replica forward pass:
+      `(model, batch, training) -> (per_example_loss [batch], y_pred)`.
+    metrics: Keras metrics, updated with (y_true, y_pred); cloned inside the
+      scope for training and for evaluation.
+    strategy: defaults to the current `tf.distribute.get_strategy()`.
+    steps_per_loop: train steps per `tf.function` call.
+    global_clipnorm: clip the all-reduced gradient to this norm (0 = off).
+    jit_compile: XLA-compile each replica's forward and backward pass.
+  """
+
+  def __init__(self, *, model: keras.Model, optimizer, loss=None,
+               compute_loss: ComputeLoss | None = None,
+               metrics: Sequence[keras.metrics.Metric] = (),
+               strategy: tf.distribute.Strategy | None = None,
+               steps_per_loop: int = 1, global_clipnorm: float = 0.0,
+               jit_compile: bool = False):
+    if (loss is None) == (compute_loss is None):
+      raise ValueError("pass exactly one of `loss` and `compute_loss`")
+    if steps_per_loop < 1:
+      raise ValueError(f"steps_per_loop must be >= 1, got {steps_per_loop}")
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self.model = model
+    self.steps_per_loop = int(steps_per_loop)
+    self._compute_loss = compute_loss or make_compute_loss(_resolve_loss(loss))
+    policy = keras.mixed_precision.dtype_policy().name
+    with self.strategy.scope():
+      if getattr(optimizer, "_distribution_strategy", None) is not (
+          self.strategy):
+        optimizer = optimizer.__class__.from_config(optimizer.get_config())
+      self.optimizer = precision.wrap_optimizer(optimizer, policy)
+      self.optimizer.build(model.trainable_variables)  # DESIGN.md fact 1
+      self.train_metrics = [_clone_metric(m) for m in metrics]
+      self.eval_metrics = [_clone_metric(m) for m in metrics]
+      self._eval_loss = keras.metrics.Mean(name="loss")
+    self.step = TrainStep(model=model, optimizer=self.optimizer,
+                          compute_loss=self._compute_loss,
+                          strategy=self.strategy, metrics=self.train_metrics,
+                          global_clipnorm=global_clipnorm,
+                          jit_compile=jit_compile)
+    self._train_loop = tf.function(self._train_loop_fn)
+    self._eval_loop = tf.function(self._eval_loop_fn)
+
+  @property
+  def global_step(self) -> tf.Variable:
+    """int64 count of train steps taken, skipped (overflow) steps included."""
+    return self.step.global_step
+
+  def distribute(self, data: DatasetLike):
+    """A distributed dataset from a dataset function or a batched dataset.
+
+    A dataset function gets an InputContext and returns per-replica batches;
+    a plain `tf.data.Dataset` must be batched by the global batch size.
+    """
+    if isinstance(data, tf.data.Dataset):
+      return self.strategy.experimental_distribute_dataset(data)
+    if callable(data):
+      return self.strategy.distribute_datasets_from_function(data)
+    return data  # already distributed
+
+  def _train_loop_fn(self, iterator, num_steps):
+    with self.strategy.scope():
+      steps = tf.constant(0, tf.int64)
+      loss_sum = tf.constant(0.0)
+      count = tf.constant(0.0)
+      grad_norm = tf.constant(0.0)
+      skipped = tf.constant(0.0)
+      for _ in tf.range(num_steps):
+        optional = iterator.get_next_as_optional()
+        if not optional.has_value():
+          break
+        out = self.step(optional.get_value())
+        steps += 1
+        loss_sum += out["loss_sum"]
+        count += out["count"]
+        grad_norm = out["grad_norm"]
+        skipped += 1.0 - out["finite"]
+    return {"steps": steps, "loss_sum": loss_sum, "count": count,
+            "grad_norm": grad_norm, "skipped": skipped}
+
+  def train_steps(self, iterator, num_steps: int) -> dict[str, float]:
+    """Runs up to `num_steps` steps from a distributed iterator.
+
+    Returns the logs of this call (Python floats): `loss` (mean per-example
+    loss over the examples seen), each train metric, `steps`, `examples`,
+    `examples_per_sec`, `step_time` (seconds), `grad_norm` (last step),
+    `skipped_steps`, `learning_rate`, and `loss_scale` under mixed_float16.
+    """
+    for metric in self.train_metrics:
+      metric.reset_state()
+    start = time.perf_counter()
+    out = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
+    out = {k: v.numpy() for k, v in out.items()}
+    elapsed = time.perf_counter() - start
+    steps = int(out["steps"])
+    logs = {"loss": float(out["loss_sum"] / max(out["count"], 1.0)),
+            "steps": steps, "examples": int(out["count"]),
+            "examples_per_sec": float(out["count"] / elapsed),
+            "step_time": elapsed / max(steps, 1),
+            "grad_norm": float(out["grad_norm"]),
+            "skipped_steps": int(out["skipped"]),
+            "learning_rate": self.learning_rate()}
+    for metric in self.train_metrics:
+      logs[metric.name] = float(metric.result())
+    if self.step.loss_scale is not None:
+      logs["loss_scale"] = float(self.step.loss_scale.numpy())
+    return logs
+
+  def learning_rate(self) -> float:
+    """The learning rate the next step will use."""
+    inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+    return float(keras.ops.convert_to_numpy(inner.learning_rate))
+
+  def _eval_step(self, batch):
+    per_example, y_pred = self._compute_loss(self.model, batch, False)
+    _, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+    self._eval_loss.update_state(per_example)
+    for metric in self.eval_metrics:
+      metric.update_state(y, tf.cast(y_pred, tf.float32), sample_weight)
+
+  def _eval_loop_fn(self, dataset):
+    with self.strategy.scope():
+      for batch in dataset:
+        self.strategy.run(self._eval_step, args=(batch,))
+
+  def evaluate(self, data: DatasetLike) -> dict[str, float]:
+    """One full pass over `data`: `loss`, each metric, and `num_examples`.
+
+    Exact over the whole set: the last partial batch counts once.
+    """
+    for metric in self.eval_metrics + [self._eval_loss]:
+      metric.reset_state()
+    self._eval_loop(self.distribute(data))
+    logs = {"loss": float(self._eval_loss.result()),
+            "num_examples": int(self._eval_loss.count.numpy())}
+    for metric in self.eval_metrics:
+      logs[metric.name] = float(metric.result())
+    return logs
+
+  def fit(self, train_data: DatasetLike, *, steps: int,
+          eval_data: DatasetLike | None = None, eval_every: int = 0,
+          callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
+    """Trains until `global_step == steps`, evaluating every `eval_every`.
+
+    Callbacks (the Keras protocol) see `on_train_begin`,
+    `on_train_batch_end(global_step, train_logs)` after every host loop,
+    `on_test_end(eval_logs)` after each evaluation (plain names such as
+    `loss` and `accuracy`, as in Keras) and `on_train_end(logs)`. Setting
+    `model.stop_training = True` ends the run after the current loop.
+
+    Returns the last train logs merged with the last eval logs (`eval/...`).
+    """
+    callback_list = keras.callbacks.CallbackList(
+        list(callbacks), model=self.model)
+    iterator = iter(self.distribute(train_data))
+    logs: dict = {}
+    self.model.stop_training = False
+    callback_list.on_train_begin()
+    while int(self.global_step.numpy()) < steps:
+      step = int(self.global_step.numpy())
+      todo = min(self.steps_per_loop, steps - step)
+      if eval_every:
+        todo = min(todo, eval_every - step % eval_every)
+      train_logs = self.train_steps(iterator, todo)
+      if train_logs["steps"] == 0:
+        break  # a finite dataset ran out
+      step = int(self.global_step.numpy())
+      logs = dict(train_logs)
+      callback_list.on_train_batch_end(step, train_logs)
+      at_end = step >= steps or train_logs["steps"] < todo
+      if eval_data is not None and (at_end or
+                                    (eval_every and step % eval_every == 0)):
+        callback_list.on_test_begin()
+        eval_logs = self.evaluate(eval_data)
+        callback_list.on_test_end(eval_logs)
+        logs.update({f"eval/{k}": v for k, v in eval_logs.items()})
+      if self.model.stop_training:
+        break
+    callback_list.on_train_end(logs)
+    return logs

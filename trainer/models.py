@@ -1,0 +1,106 @@
+"""Models by name (`model.name`). Every model ends in a float32 logits layer,
+so predictions and losses are float32 under every precision policy.
+
+Shapes: input [batch, *DataInfo.input_shape] float32, output [batch,
+num_classes] float32 logits.
+"""
+
+from typing import Callable
+
+import keras
+import ml_collections
+
+from trainer.data import DataInfo
+from trainer.errors import ConfigError
+
+
+def _logits(x, num_classes):
+  return keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+
+
+def mlp(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
+  """Flatten, `depth` x Dense(`width`, relu), logits."""
+  inputs = keras.Input(info.input_shape)
+  x = keras.layers.Flatten()(inputs)
+  for i in range(cfg.depth):
+    x = keras.layers.Dense(cfg.width, activation="relu", name=f"dense_{i}")(x)
+    if cfg.dropout:
+      x = keras.layers.Dropout(cfg.dropout)(x)
+  return keras.Model(inputs, _logits(x, info.num_classes), name="mlp")
+
+
+def cnn(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
+  """Two conv blocks (`width`, 2*`width` filters), global pooling, logits."""
+  inputs = keras.Input(info.input_shape)
+  x = inputs
+  for i, filters in enumerate((cfg.width, 2 * cfg.width)):
+    x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
+                            name=f"conv_{i}a")(x)
+    x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
+                            name=f"conv_{i}b")(x)
+    if min(x.shape[1:3]) >= 4:
+      x = keras.layers.MaxPooling2D()(x)
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  if cfg.dropout:
+    x = keras.layers.Dropout(cfg.dropout)(x)
+  return keras.Model(inputs, _logits(x, info.num_classes), name="cnn")
+
+
+def _residual_block(x, filters, stride, name):
+  shortcut = x
+  y = keras.layers.Conv2D(filters, 3, stride, padding="same", use_bias=False,
+                          name=f"{name}_conv1")(x)
+  y = keras.layers.BatchNormalization(name=f"{name}_bn1")(y)
+  y = keras.layers.ReLU()(y)
+  y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                          name=f"{name}_conv2")(y)
+  y = keras.layers.BatchNormalization(name=f"{name}_bn2")(y)
+  if stride != 1 or shortcut.shape[-1] != filters:
+    shortcut = keras.layers.Conv2D(filters, 1, stride, use_bias=False,
+                                   name=f"{name}_proj")(shortcut)
+    shortcut = keras.layers.BatchNormalization(name=f"{name}_bn_proj")(
+        shortcut)
+  return keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
+
+
+def resnet(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
+  """CIFAR-style ResNet (He et al. 2016): 3 stages of `depth` basic blocks
+  with `width`, 2*`width`, 4*`width` filters; depth=3 is ResNet-20."""
+  inputs = keras.Input(info.input_shape)
+  x = keras.layers.Conv2D(cfg.width, 3, padding="same", use_bias=False)(inputs)
+  x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+  for stage in range(3):
+    for block in range(cfg.depth):
+      stride = 2 if stage > 0 and block == 0 else 1
+      x = _residual_block(x, cfg.width * 2**stage, stride,
+                          f"stage{stage}_block{block}")
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  return keras.Model(inputs, _logits(x, info.num_classes), name="resnet")
+
+
+def resnet50(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
+  """Keras' ResNet-50 backbone (random init) with a float32 logits head."""
+  del cfg
+  if min(info.input_shape[:2]) < 32:
+    raise ConfigError(f"resnet50 needs images of at least 32x32, got "
+                      f"{info.input_shape}; set --config.data.image_size=32 "
+                      "or larger")
+  backbone = keras.applications.ResNet50(
+      include_top=False, weights=None, input_shape=info.input_shape,
+      pooling="avg")
+  return keras.Model(backbone.input,
+                     _logits(backbone.output, info.num_classes),
+                     name="resnet50")
+
+
+MODELS: dict[str, Callable[[ml_collections.ConfigDict, DataInfo],
+                           keras.Model]] = {
+    "mlp": mlp, "cnn": cnn, "resnet": resnet, "resnet50": resnet50}
+
+
+def build_model(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
+  """The model named by `cfg.name`; call inside `strategy.scope()`."""
+  if cfg.name not in MODELS:
+    raise ConfigError(f"unknown model.name {cfg.name!r}; use one of: "
+                      f"{', '.join(MODELS)}")
+  return MODELS[cfg.name](cfg, info)

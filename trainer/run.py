@@ -1,0 +1,129 @@
+"""One training run from a config: the whole data path in one place.
+
+config -> strategy -> precision -> dataset -> model, optimizer -> Trainer
+-> callbacks (metrics.jsonl, checkpoints) -> final logs.
+
+Everything that can reject bad input (config values, strategy, batch split,
+dataset lookup, model shapes) runs before the workdir is touched.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import keras
+import ml_collections
+import tensorflow as tf
+from absl import logging
+
+from trainer import config as config_lib
+from trainer import data as data_lib
+from trainer import models, optimizers, precision, strategy as strategy_lib
+from trainer.checkpoint import CheckpointEvery, Checkpointer
+from trainer.loop import Trainer
+from trainer.metrics_log import MetricsLogger
+
+TESTING_STEPS = 6  # train steps in --testing mode
+TESTING_EVAL_BATCHES = 4
+
+
+@dataclasses.dataclass
+class RunResult:
+  logs: dict  # last train logs plus `eval/...`
+  steps: int  # global step at the end
+  seconds: float
+  device: str
+
+
+def testing_config(config: ml_collections.ConfigDict
+                  ) -> ml_collections.ConfigDict:
+  """The single-device testing variant: one device, a few steps."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.distribution.strategy = "one_device"
+  config.distribution.num_cpu_devices = 1
+  config.train.steps = min(config.train.steps, TESTING_STEPS)
+  config.train.steps_per_loop = min(config.train.steps_per_loop,
+                                    config.train.steps)
+  config.train.eval_every = 0
+  config.train.checkpoint_every = 0
+  return config
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | None, *,
+        testing: bool = False) -> RunResult:
+  """Trains and evaluates as `config` says; writes into `workdir` if given.
+
+  Raises:
+    UserError (ConfigError, DataError): bad input, before any file is written.
+  """
+  config_lib.validate(config)
+  if testing:
+    config = testing_config(config)
+  strategy = strategy_lib.build_strategy(config.distribution.strategy,
+                                         config.distribution.num_cpu_devices)
+  n = strategy.num_replicas_in_sync
+  data_lib.check_batch_size(config.data.global_batch_size, n)
+  data_lib.check_batch_size(config.data.eval_batch_size, n,
+                            "data.eval_batch_size")
+  precision.set_policy(config.precision.policy)
+  keras.utils.set_random_seed(config.seed)
+  if config.train.deterministic:
+    tf.config.experimental.enable_op_determinism()
+
+  source = data_lib.load_source(config.data, config.seed)
+  train_fn = data_lib.input_fn(
+      source.train, global_batch_size=config.data.global_batch_size,
+      training=True, seed=config.seed,
+      shuffle_buffer=config.data.shuffle_buffer)
+  eval_examples = source.eval
+  if testing:
+    eval_examples = eval_examples.take(TESTING_EVAL_BATCHES *
+                                       config.data.eval_batch_size)
+  eval_fn = data_lib.input_fn(
+      eval_examples, global_batch_size=config.data.eval_batch_size,
+      training=False)
+
+  with strategy.scope():
+    model = models.build_model(config.model, source.info)
+    optimizer = optimizers.build_optimizer(config.optimizer,
+                                           config.train.steps)
+  trainer = Trainer(
+      model=model, optimizer=optimizer,
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      reduction="none"),
+      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+      strategy=strategy, steps_per_loop=config.train.steps_per_loop,
+      global_clipnorm=config.optimizer.global_clipnorm,
+      jit_compile=config.train.jit_compile)
+
+  chief = strategy_lib.is_chief(strategy)
+  callbacks = []
+  checkpointer = None
+  if workdir and chief:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w",
+              encoding="utf-8") as f:
+      json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
+  callbacks.append(MetricsLogger(
+      os.path.join(workdir, "metrics.jsonl") if workdir and chief else None))
+  if workdir and not testing:
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"), model=model,
+        optimizer=trainer.optimizer, global_step=trainer.global_step,
+        is_chief=chief, max_to_keep=config.train.max_checkpoints)
+    checkpointer.restore_latest()
+    callbacks.append(CheckpointEvery(checkpointer,
+                                     config.train.checkpoint_every))
+
+  start = time.perf_counter()
+  try:
+    logs = trainer.fit(train_fn, steps=config.train.steps, eval_data=eval_fn,
+                       eval_every=config.train.eval_every,
+                       callbacks=callbacks)
+  finally:
+    if checkpointer:
+      checkpointer.close()
+  device = strategy.extended.worker_devices[0]
+  return RunResult(logs=logs, steps=int(trainer.global_step.numpy()),
+                   seconds=time.perf_counter() - start, device=device)

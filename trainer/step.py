@@ -1,0 +1,197 @@
+"""The train step: one tf.GradientTape step per replica, correct across replicas.
+
+Per step, in order:
+  1. each replica computes per-example losses (float32, shape [local_batch])
+     and divides their sum by the *global* example count of the step (a
+     static number for full batches, an all-reduced count for a partial one;
+     DESIGN.md facts 5 and 6), scales by the loss scale under mixed_float16
+     and takes gradients;
+  2. gradients, the loss sum and the example count are all-reduced once;
+  3. every replica (now holding identical values) unscales, checks
+     finiteness of the *reduced* gradient (so one replica's inf skips the
+     step everywhere, fact 2) and clips to `global_clipnorm` (fact 3);
+  4. in cross-replica context the update is applied, or skipped and the
+     loss scale halved; the int64 global step advances either way (fact 7).
+"""
+
+from typing import Callable, NamedTuple
+
+import keras
+import tensorflow as tf
+
+from trainer.optimizers import disable_gradient_aggregation
+
+# (model, batch, training) -> (per-example loss [batch] float32, predictions)
+ComputeLoss = Callable[..., tuple]
+
+
+def unpack_batch(batch):
+  """(x, y) or (x, y, sample_weight) -> (x, y, sample_weight or None)."""
+  return keras.utils.unpack_x_y_sample_weight(batch)
+
+
+def make_compute_loss(loss_fn: Callable) -> ComputeLoss:
+  """Wraps a per-example `loss_fn(y_true, y_pred) -> [batch]` as ComputeLoss."""
+
+  def compute_loss(model, batch, training):
+    x, y, sample_weight = unpack_batch(batch)
+    y_pred = model(x, training=training)
+    per_example = tf.cast(loss_fn(y, y_pred), tf.float32)
+    if per_example.shape.rank != 1:
+      raise ValueError(
+          "the loss must return one value per example (shape [batch]), got "
+          f"shape {per_example.shape}; for a Keras loss use reduction='none'")
+    if sample_weight is not None:
+      per_example *= tf.cast(sample_weight, tf.float32)
+    return per_example, y_pred
+
+  return compute_loss
+
+
+class ReplicaOutput(NamedTuple):
+  """What one replica returns from a step; all values identical on replicas."""
+  grads: list  # unscaled, clipped, all-reduced; float32, like the variables
+  finite: tf.Tensor  # bool scalar: every reduced gradient is finite
+  grad_norm: tf.Tensor  # global norm of the reduced, unscaled gradient
+  loss_sum: tf.Tensor  # sum of per-example losses over the global batch
+  count: tf.Tensor  # examples in the global batch (float32)
+
+
+class TrainStep:
+  """Builds the per-step functions for one model, optimizer and strategy.
+
+  Args:
+    model: a Keras model built under `strategy.scope()`.
+    optimizer: a Keras optimizer (wrapped in LossScaleOptimizer under
+      mixed_float16) built under `strategy.scope()`.
+    compute_loss: (model, batch, training) -> (per_example_loss, y_pred).
+    strategy: the tf.distribute strategy.
+    metrics: Keras metrics created under the scope, updated with (y, y_pred).
+    global_clipnorm: clip the reduced gradient to this global norm (0 = off).
+    jit_compile: XLA-compile the per-replica forward and backward pass.
+  """
+
+  def __init__(self, *, model, optimizer, compute_loss: ComputeLoss,
+               strategy: tf.distribute.Strategy, metrics=(),
+               global_clipnorm: float = 0.0, jit_compile: bool = False):
+    self.model = model
+    self.optimizer = optimizer
+    self.strategy = strategy
+    self.metrics = list(metrics)
+    self.global_clipnorm = float(global_clipnorm)
+    self._compute_loss = compute_loss
+    self.loss_scaled = isinstance(optimizer,
+                                  keras.optimizers.LossScaleOptimizer)
+    self._apply_optimizer = (optimizer.inner_optimizer
+                             if self.loss_scaled else optimizer)
+    disable_gradient_aggregation(optimizer)
+    with strategy.scope():
+      self.global_step = tf.Variable(
+          0, dtype=tf.int64, trainable=False, name="global_step",
+          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self._local_grads = (tf.function(self._local_grads_fn, jit_compile=True)
+                         if jit_compile else self._local_grads_fn)
+
+  @property
+  def loss_scale(self) -> tf.Variable | None:
+    return self.optimizer.dynamic_scale if self.loss_scaled else None
+
+  def _global_count(self, batch) -> tf.Tensor:
+    """Examples in this step over all replicas (float32 scalar).
+
+    Static for full batches (drop_remainder datasets); an all-reduced count
+    when the batch size is dynamic, so a partial last batch is averaged over
+    the examples it really has.
+    """
+    first = tf.nest.flatten(batch)[0]
+    if first.shape[0] is not None:
+      return tf.constant(
+          float(first.shape[0] * self.strategy.num_replicas_in_sync))
+    ctx = tf.distribute.get_replica_context()
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                          tf.cast(tf.shape(first)[0], tf.float32))
+
+  def _local_grads_fn(self, batch, global_count):
+    variables = self.model.trainable_variables
+    with tf.GradientTape() as tape:
+      per_example, y_pred = self._compute_loss(self.model, batch, True)
+      loss_sum = tf.reduce_sum(per_example)
+      loss = loss_sum / global_count
+      if self.model.losses:  # regularizers: identical on every replica
+        loss += tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]
+                        ) / self.strategy.num_replicas_in_sync
+      if self.loss_scaled:
+        loss = self.optimizer.scale_loss(loss)
+    grads = tape.gradient(loss, variables)
+    grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+             for g, v in zip(grads, variables)]
+    return grads, loss_sum, tf.cast(tf.size(per_example), tf.float32), y_pred
+
+  def replica_step(self, batch) -> ReplicaOutput:
+    """Runs in replica context: gradients, one all-reduce, unscale, clip."""
+    grads, loss_sum, count, y_pred = self._local_grads(
+        batch, self._global_count(batch))
+    ctx = tf.distribute.get_replica_context()
+    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                             grads + [loss_sum, count])
+    grads, loss_sum, count = reduced[:-2], reduced[-2], reduced[-1]
+    if self.loss_scaled:
+      finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                              for g in grads])
+      grads = [g / self.optimizer.dynamic_scale for g in grads]
+    else:
+      finite = tf.constant(True)
+    grad_norm = tf.linalg.global_norm(grads)
+    if self.global_clipnorm > 0:
+      grads, _ = tf.clip_by_global_norm(grads, self.global_clipnorm,
+                                        use_norm=grad_norm)
+    _, y, sample_weight = unpack_batch(batch)
+    for metric in self.metrics:
+      metric.update_state(y, tf.cast(y_pred, tf.float32), sample_weight)
+    return ReplicaOutput(grads, finite, grad_norm, loss_sum, count)
+
+  def _apply(self, grads) -> None:
+    """Cross-replica: applies the (already reduced) gradients on each replica."""
+    variables = self.model.trainable_variables
+    self.strategy.extended.call_for_each_replica(
+        lambda g: self._apply_optimizer.apply(g, variables), args=(grads,))
+
+  def _grow_loss_scale(self) -> None:
+    opt = self.optimizer
+    if_grow = tf.equal(opt.step_counter, opt.dynamic_growth_steps - 1)
+    opt.step_counter.assign(tf.where(if_grow, tf.zeros_like(opt.step_counter),
+                                     opt.step_counter + 1))
+    opt.dynamic_scale.assign(tf.where(if_grow, opt.dynamic_scale * 2.0,
+                                      opt.dynamic_scale))
+
+  def _skip(self) -> None:
+    self.optimizer.step_counter.assign(
+        tf.zeros_like(self.optimizer.step_counter))
+    self.optimizer.dynamic_scale.assign(self.optimizer.dynamic_scale * 0.5)
+
+  def __call__(self, batch) -> dict:
+    """One step in cross-replica context (inside tf.function, under scope).
+
+    Returns scalar float32 tensors: loss_sum, count, grad_norm, finite.
+    """
+    out = self.strategy.run(self.replica_step, args=(batch,))
+    first = lambda t: self.strategy.experimental_local_results(t)[0]
+    finite = first(out.finite)
+    if self.loss_scaled:
+
+      def apply_and_grow():
+        self._apply(out.grads)
+        self._grow_loss_scale()
+        return tf.constant(True)
+
+      def skip():
+        self._skip()
+        return tf.constant(False)
+
+      tf.cond(finite, apply_and_grow, skip)
+    else:
+      self._apply(out.grads)
+    self.global_step.assign_add(1)
+    return {"loss_sum": first(out.loss_sum), "count": first(out.count),
+            "grad_norm": first(out.grad_norm),
+            "finite": tf.cast(finite, tf.float32)}
