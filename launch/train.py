@@ -38,14 +38,33 @@ def fail(message: str) -> None:
   sys.exit(EXIT_USAGE)
 
 
+def _config_path(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":", 1)[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors instead of a usage dump."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    fail(f"config file {path!r} does not exist; pass a file such as "
+         "--config=configs/digits.py")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-  except Exception as e:  # config file that raises on load
-    fail(f"cannot load the config: {type(e).__name__}: {e}")
+  except (AttributeError, KeyError) as e:  # --config.KEY that is not in it
+    key = str(e).strip("\"'")
+    fail(f"unknown config key {key!r} in a --config.* flag; every key is "
+         "listed with its default in trainer/config.py")
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()
+    fail(f"cannot load the config {path!r}: {type(e).__name__}: "
+         f"{first[-1] if first else ''}")
 
 
 def main(argv: list[str]) -> None:

@@ -49,7 +49,7 @@ def _check_tf_config() -> None:
   if not raw:
     raise ConfigError(
         "distribution.strategy=multi_worker needs a cluster: set TF_CONFIG "
-        "or start the workers with `python -m launch.local --num_workers=N`")
+        "describing every worker (see BUILD.md, multi-worker)")
   try:
     spec = json.loads(raw)
     workers = spec["cluster"]["worker"]

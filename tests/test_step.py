@@ -1,0 +1,136 @@
+"""The train step across replicas: numbers that must match exactly."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import data as data_lib
+from trainer.loop import Trainer
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                  reduction="none")
+
+
+def _model(strategy, seed=0, features=6):
+  with strategy.scope():
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((features,)),
+        keras.layers.Dense(16, activation="tanh"),
+        keras.layers.Dense(3, dtype="float32")])
+
+
+def _examples(n, features=6, seed=1):
+  rng = np.random.RandomState(seed)
+  x = rng.normal(size=(n, features)).astype(np.float32)
+  y = rng.randint(0, 3, size=n).astype(np.int32)
+  return x, y
+
+
+def _finite_input(x, y, global_batch):
+  return data_lib.input_fn(tf.data.Dataset.from_tensor_slices((x, y)),
+                           global_batch_size=global_batch, training=False)
+
+
+def _train(strategy, x, y, *, global_batch, steps, optimizer, clipnorm=0.0,
+           steps_per_loop=2):
+  model = _model(strategy)
+  trainer = Trainer(model=model, optimizer=optimizer, loss=LOSS,
+                    strategy=strategy, steps_per_loop=steps_per_loop,
+                    global_clipnorm=clipnorm)
+  logs = trainer.fit(_finite_input(x, y, global_batch), steps=steps)
+  return trainer, logs
+
+
+@pytest.mark.parametrize("num_examples", [40, 44])  # last batch 8 and 12 of 16
+def test_mirrored_equals_one_device_including_partial_last_batch(
+    mirrored, one_device, num_examples):
+  x, y = _examples(num_examples)
+  runs = [_train(s, x, y, global_batch=16, steps=10,
+                 optimizer=keras.optimizers.Adam(0.05))
+          for s in (one_device, mirrored)]
+  (single, single_logs), (multi, multi_logs) = runs
+  assert int(single.global_step.numpy()) == 3  # 16 + 16 + partial
+  assert int(multi.global_step.numpy()) == 3
+  for a, b in zip(single.model.get_weights(), multi.model.get_weights()):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # the untouched initial weights are far from the trained ones
+  initial = _model(one_device).get_weights()
+  assert max(np.abs(a - b).max() for a, b in
+             zip(initial, multi.model.get_weights())) > 1e-2
+  assert single_logs["loss"] == pytest.approx(multi_logs["loss"], rel=1e-6)
+
+
+def test_partial_batch_is_averaged_over_its_real_size(mirrored):
+  """One SGD step on 12 examples (8 + 4 over 2 replicas) equals the mean
+  gradient of those 12 examples, not the sum divided by the nominal 16."""
+  x, y = _examples(12)
+  trainer, _ = _train(mirrored, x, y, global_batch=16, steps=1,
+                      optimizer=keras.optimizers.SGD(1.0))
+  model = _model(tf.distribute.get_strategy())
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_mean(LOSS(y, model(x)))
+  grads = tape.gradient(loss, model.trainable_variables)
+  for w0, g, w1 in zip(model.get_weights(), grads, trainer.model.get_weights()):
+    np.testing.assert_allclose(w0 - w1, g.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_global_clipnorm_clips_the_reduced_gradient(mirrored):
+  x, y = _examples(16)
+  clip = 0.05
+  trainer, logs = _train(mirrored, x, y, global_batch=16, steps=1,
+                         optimizer=keras.optimizers.SGD(1.0), clipnorm=clip)
+  model = _model(tf.distribute.get_strategy())
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_mean(LOSS(y, model(x)))
+  grads = tape.gradient(loss, model.trainable_variables)
+  norm = tf.linalg.global_norm(grads).numpy()
+  assert norm > 4 * clip  # clipping really happens
+  assert logs["grad_norm"] == pytest.approx(norm, rel=1e-5)
+  updates = [w0 - w1 for w0, w1 in zip(model.get_weights(),
+                                       trainer.model.get_weights())]
+  applied = np.sqrt(sum(np.sum(u * u) for u in updates))
+  assert applied == pytest.approx(clip, rel=1e-5)
+  for u, g in zip(updates, grads):
+    np.testing.assert_allclose(u, g.numpy() * clip / norm, rtol=1e-4,
+                               atol=1e-8)
+
+
+def test_overflow_on_one_replica_skips_the_step_everywhere(mirrored, policy):
+  policy("mixed_float16")
+  x, y = _examples(8)
+  x_bad = x.copy()
+  x_bad[6:] = 1e30  # replica 1's half of the first global batch -> inf in f16
+  x_all = np.concatenate([x_bad, x])  # step 1: poisoned, step 2: finite
+  y_all = np.concatenate([y, y])
+  model = _model(mirrored)
+  trainer = Trainer(model=model, optimizer=keras.optimizers.SGD(0.1),
+                    loss=LOSS, strategy=mirrored)
+  assert model.layers[0].compute_dtype == "float16"
+  assert model.layers[0].kernel.dtype == "float32"
+  iterator = iter(trainer.distribute(_finite_input(x_all, y_all, 8)))
+  before = model.get_weights()
+  scale = float(trainer.optimizer.dynamic_scale.numpy())
+
+  logs = trainer.train_steps(iterator, 1)
+  assert logs["skipped_steps"] == 1
+  for a, b in zip(before, model.get_weights()):
+    np.testing.assert_array_equal(a, b)  # no replica applied the step
+  assert float(trainer.optimizer.dynamic_scale.numpy()) == scale / 2
+  assert int(trainer.global_step.numpy()) == 1
+  assert int(trainer.optimizer.iterations.numpy()) == 0
+
+  logs = trainer.train_steps(iterator, 1)
+  assert logs["skipped_steps"] == 0
+  assert np.isfinite(logs["loss"])
+  after = model.get_weights()
+  assert all(np.all(np.isfinite(w)) for w in after)
+  assert max(np.abs(a - b).max() for a, b in zip(before, after)) > 0
+  assert float(trainer.optimizer.dynamic_scale.numpy()) == scale / 2
+  assert int(trainer.global_step.numpy()) == 2
+  assert int(trainer.optimizer.iterations.numpy()) == 1
+  # each replica holds the same (finite) weights
+  for var in model.trainable_variables:
+    values = mirrored.experimental_local_results(var.value)
+    np.testing.assert_array_equal(values[0].numpy(), values[1].numpy())
