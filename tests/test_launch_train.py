@@ -1,0 +1,142 @@
+"""The launcher end to end, in subprocesses: training, --testing, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_module
+from trainer.metrics_log import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def test_digits_mirrored_mixed_float16_reaches_95_percent(tmp_path):
+  workdir = tmp_path / "run"
+  proc = run_module(
+      "launch.train", "--config=configs/digits.py", f"--workdir={workdir}",
+      "--config.distribution.strategy=mirrored",
+      "--config.distribution.num_cpu_devices=2",
+      "--config.precision.policy=mixed_float16")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mixed_float16 on a machine with no GPU" in proc.stderr
+  records = read_metrics(workdir)
+  evals = [r for r in records if "eval/accuracy" in r]
+  trains = [r for r in records if "train/loss" in r]
+  assert evals[-1]["step"] == 600 and evals[-1]["eval/accuracy"] >= 0.95
+  assert evals[-1]["eval/num_examples"] == 300
+  assert all(r["train/loss_scale"] > 0 for r in trains)
+  assert all("train/examples_per_sec" in r for r in trains)
+  assert trains[-1]["train/loss"] < trains[0]["train/loss"]
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["precision"]["policy"] == "mixed_float16"
+  assert config["distribution"]["num_cpu_devices"] == 2
+  assert (workdir / "checkpoints" / "ckpt-600.index").exists()
+  assert "done: 600 steps" in proc.stdout
+
+
+def test_same_command_on_a_finished_workdir_resumes_and_does_nothing(tmp_path):
+  args = ("launch.train", "--config=configs/digits.py",
+          f"--workdir={tmp_path}", "--config.train.steps=100",
+          "--config.train.checkpoint_every=50")
+  assert run_module(*args).returncode == 0
+  lines = len(read_metrics(tmp_path))
+  again = run_module(*args)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "restored" in again.stderr and "(step 100)" in again.stderr
+  assert len(read_metrics(tmp_path)) == lines
+
+
+MOCK_TFDS = {  # config -> tiny overrides so the CPU run takes seconds
+    "configs/mnist.py": ["--config.data.global_batch_size=8",
+                         "--config.data.eval_batch_size=8"],
+    "configs/cifar10_resnet.py": ["--config.data.global_batch_size=8",
+                                  "--config.data.eval_batch_size=8",
+                                  "--config.model.depth=1",
+                                  "--config.model.width=8"],
+    "configs/imagenet_resnet50.py": ["--config.data.global_batch_size=4",
+                                     "--config.data.eval_batch_size=4",
+                                     "--config.data.image_size=32"],
+}
+
+
+def test_testing_mode_passes_on_digits_without_workdir():
+  proc = run_module("launch.train", "--config=configs/digits.py", "--testing")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  verdict = proc.stdout.strip().splitlines()[-1]
+  assert verdict.startswith("testing: PASS configs/digits.py: 6 steps on ")
+  assert "CPU:0" in verdict
+
+
+@pytest.mark.parametrize("config", sorted(MOCK_TFDS))
+def test_testing_mode_passes_on_tfds_configs_with_mock_data(config, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "tests/mock_tfds_launch.py", f"--config={config}",
+       "--testing", f"--workdir={tmp_path}", *MOCK_TFDS[config]],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", MOCK_TFDS_EXAMPLES="24"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1].startswith(
+      f"testing: PASS {config}: 6 steps")
+  assert not (tmp_path / "checkpoints").exists()  # testing keeps none
+  assert read_metrics(tmp_path)[-1]["eval/num_examples"] > 0
+
+
+def test_testing_mode_fails_on_a_diverging_config():
+  proc = run_module("launch.train", "--config=configs/digits.py", "--testing",
+                    "--config.optimizer.learning_rate=1e30")
+  assert proc.returncode == 1
+  assert proc.stdout.strip().splitlines()[-1].startswith(
+      "testing: FAIL configs/digits.py")
+
+
+BAD_INPUT = [
+    (["--config.distribution.strategy=bogus"], "unknown distribution.strategy"),
+    (["--config.precision.policy=float8"], "unknown precision.policy"),
+    (["--config.data.name=no_such_dataset"], "unknown data.name"),
+    (["--config.model.name=transformer"], "unknown model.name"),
+    (["--config.distribution.strategy=mirrored",
+      "--config.distribution.num_cpu_devices=2",
+      "--config.data.global_batch_size=63"], "cannot be shared evenly"),
+    (["--config.train.steps=0"], "train.steps must be a positive int"),
+    (["--config.data.global_batch_size=-8"],
+     "data.global_batch_size must be a positive int"),
+    (["--config.optimizer.learning_rate=0"],
+     "optimizer.learning_rate must be a positive float"),
+    (["--config.train.nosuch=1"], "unknown config key 'nosuch'"),
+    (["--config.train.steps=many"], "invalid literal for int"),
+    (["--config.data.name=mnist", "--config.data.data_dir=EMPTY"],
+     "is not in data_dir"),
+    (["--config.distribution.strategy=multi_worker"], "needs a cluster"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_INPUT,
+                         ids=[m for _, m in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_2(overrides, message, tmp_path):
+  workdir = tmp_path / "run"
+  overrides = [o.replace("EMPTY", str(tmp_path)) for o in overrides]
+  env = {"TF_CONFIG": ""} if "multi_worker" in overrides[0] else None
+  proc = run_module("launch.train", "--config=configs/digits.py",
+                    f"--workdir={workdir}", *overrides, env=env, timeout=120)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("config_arg,message", [
+    ("--config=configs/missing.py", "does not exist"),
+    ("--config=BROKEN", "cannot load the config"),
+])
+def test_bad_config_file_is_one_line_and_exit_2(config_arg, message, tmp_path):
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(:\n")
+  proc = run_module("launch.train", config_arg.replace("BROKEN", str(broken)),
+                    f"--workdir={tmp_path / 'run'}", timeout=120)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last
