@@ -6,7 +6,6 @@ fact 11); only the chief writes to the workdir, the others to a scratch
 directory that is deleted afterwards.
 """
 
-import os
 import shutil
 import tempfile
 
