@@ -20,7 +20,6 @@ def get_config():
   c.optimizer.global_clipnorm = 5.0
   c.train.steps = 20_000
   c.train.steps_per_loop = 100
-  c.train.eval_every = 2000
   c.train.checkpoint_every = 2000
   c.precision.policy = "mixed_float16"
   return c

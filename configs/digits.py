@@ -19,6 +19,6 @@ def get_config():
   c.optimizer.learning_rate = 3e-3
   c.train.steps = 600
   c.train.steps_per_loop = 50
-  c.train.eval_every = 200
+  c.train.steps_per_epoch = 100  # evaluates at every epoch end
   c.train.checkpoint_every = 200
   return c

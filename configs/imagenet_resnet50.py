@@ -20,7 +20,6 @@ def get_config():
   c.optimizer.warmup_steps = 5 * 1250
   c.train.steps = 90 * 1250  # 90 epochs of 1.28M images
   c.train.steps_per_loop = 500
-  c.train.eval_every = 5000
   c.train.checkpoint_every = 5000
   c.distribution.strategy = "auto"
   c.precision.policy = "mixed_float16"

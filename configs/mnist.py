@@ -16,6 +16,5 @@ def get_config():
   c.optimizer.warmup_steps = 200
   c.train.steps = 5000
   c.train.steps_per_loop = 100
-  c.train.eval_every = 1000
   c.train.checkpoint_every = 1000
   return c

@@ -100,6 +100,8 @@ def main(argv: list[str]) -> None:
           f"{logs.get('eval/accuracy', float('nan')):.4f} on "
           f"{logs.get('eval/num_examples', 0)} examples")
     sys.exit(0 if ok else 1)
+  if not result.is_chief:
+    return  # the chief reports for the job
   logging.info("done: step %d, %s", result.steps,
                {k: round(v, 4) for k, v in logs.items()
                 if isinstance(v, float)})

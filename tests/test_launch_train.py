@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run_module
-from trainer.metrics_log import read_metrics
+from trainer.callbacks import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +110,11 @@ BAD_INPUT = [
     (["--config.data.name=mnist", "--config.data.data_dir=EMPTY"],
      "is not in data_dir"),
     (["--config.distribution.strategy=multi_worker"], "needs a cluster"),
+    (["--config.callbacks.custom=no_such_module:Callback"],
+     "cannot be loaded"),
+    (["--config.optimizer.schedule=step"], "needs optimizer.decay_steps"),
+    (["--config.callbacks.early_stopping.mode=up"],
+     "unknown callbacks.early_stopping.mode"),
 ]
 
 

@@ -9,9 +9,10 @@ directory that is deleted afterwards.
 import shutil
 import tempfile
 
-import keras
 import tensorflow as tf
 from absl import logging
+
+from trainer.callbacks.base import TrainerCallback
 
 
 class Checkpointer:
@@ -56,17 +57,24 @@ class Checkpointer:
       shutil.rmtree(self._scratch, ignore_errors=True)
 
 
-class CheckpointEvery(keras.callbacks.Callback):
-  """Saves every `every` global steps (0 = never) and at the end of training."""
+class CheckpointEvery(TrainerCallback):
+  """Saves every `every` global steps (0 = never) and at the end of training.
+
+  Runs on every worker: saving is a collective (DESIGN.md fact 11).
+  """
 
   def __init__(self, checkpointer: Checkpointer, every: int):
     super().__init__()
     self.checkpointer, self.every, self._last = checkpointer, every, 0
 
+  def on_train_begin(self, logs=None):
+    self._last = self.global_step
+
   def on_train_batch_end(self, batch, logs=None):
-    if self.every and batch // self.every > self._last // self.every:
+    step = self.global_step
+    if self.every and step // self.every > self._last // self.every:
       self.checkpointer.save()
-    self._last = batch
+    self._last = step
 
   def on_train_end(self, logs=None):
     path = self.checkpointer.save()

@@ -12,7 +12,8 @@ from trainer.errors import ConfigError
 STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
+MODES = ("auto", "min", "max")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -46,13 +47,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.momentum = 0.9  # momentum only
   c.optimizer.weight_decay = 0.0  # adamw only
   c.optimizer.global_clipnorm = 0.0  # 0 = no clipping; clips the all-reduced gradient
-  c.optimizer.schedule = "constant"  # constant | cosine
-  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = "constant"  # constant | cosine | step
+  c.optimizer.warmup_steps = 0  # cosine: linear warmup from 0
+  c.optimizer.decay_steps = ()  # step: global steps where the rate drops
+  c.optimizer.decay_factor = 0.1  # step: multiplier at each of decay_steps
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
   c.train.steps_per_loop = 50  # steps per host call (one tf.function call)
-  c.train.eval_every = 500  # 0 = only at the end
+  c.train.steps_per_epoch = 0  # 0 = one pass over the training set
+  c.train.eval_every = 0  # eval at every epoch end, and every N steps if > 0
   c.train.checkpoint_every = 1000  # 0 = only at the end
   c.train.max_checkpoints = 3
   c.train.grad_accum_steps = 1
@@ -65,6 +69,23 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.precision = ml_collections.ConfigDict()
   c.precision.policy = "float32"
+
+  c.callbacks = ml_collections.ConfigDict()
+  c.callbacks.progress_bar = True  # Keras Progbar with ETA (chief)
+  c.callbacks.tensorboard = True  # scalars in WORKDIR/tensorboard (chief)
+  c.callbacks.profile_steps = (0, 0)  # profiler trace of global steps [a, b)
+  c.callbacks.csv_log = False  # WORKDIR/log.csv, one row per epoch (chief)
+  c.callbacks.early_stopping = ml_collections.ConfigDict()
+  c.callbacks.early_stopping.monitor = ""  # "" = off; e.g. val_loss
+  c.callbacks.early_stopping.mode = "auto"  # auto | min | max
+  c.callbacks.early_stopping.patience = 0  # epochs without improvement
+  c.callbacks.early_stopping.min_delta = 0.0
+  c.callbacks.early_stopping.restore_best_weights = False
+  c.callbacks.best_model = ml_collections.ConfigDict()
+  c.callbacks.best_model.monitor = ""  # "" = off; e.g. val_accuracy
+  c.callbacks.best_model.mode = "auto"  # auto | min | max
+  c.callbacks.best_model.keep = 1  # .keras files kept in WORKDIR/best
+  c.callbacks.custom = ""  # comma-separated module:Callback, made with no args
   return c
 
 
@@ -104,6 +125,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _non_negative(config.optimizer.warmup_steps, "optimizer.warmup_steps")
   _non_negative(config.train.eval_every, "train.eval_every")
   _non_negative(config.train.checkpoint_every, "train.checkpoint_every")
+  _non_negative(config.train.steps_per_epoch, "train.steps_per_epoch")
+  _positive(config.optimizer.decay_factor, "optimizer.decay_factor", float)
+  if config.optimizer.schedule == "step" and not config.optimizer.decay_steps:
+    raise ConfigError("optimizer.schedule=step needs optimizer.decay_steps, "
+                      "e.g. --config.optimizer.decay_steps=(3000,6000)")
+  for key in ("early_stopping", "best_model"):
+    _choice(config.callbacks[key].mode, MODES, f"callbacks.{key}.mode")
+  _non_negative(config.callbacks.early_stopping.patience,
+                "callbacks.early_stopping.patience")
+  _positive(config.callbacks.best_model.keep, "callbacks.best_model.keep")
+  profile = config.callbacks.profile_steps
+  if len(profile) != 2 or not 0 <= profile[0] <= profile[1]:
+    raise ConfigError("callbacks.profile_steps must be (first, stop) with "
+                      f"0 <= first <= stop, got {profile!r}")
   if config.train.grad_accum_steps != 1:
     raise ConfigError("train.grad_accum_steps > 1 is not supported yet; "
                       "set it to 1")

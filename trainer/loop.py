@@ -13,6 +13,8 @@ import keras
 import tensorflow as tf
 
 from trainer import precision
+from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
+from trainer.strategy import is_chief, num_workers
 from trainer.step import ComputeLoss, TrainStep, make_compute_loss
 
 DatasetLike = tf.data.Dataset | Callable[[tf.distribute.InputContext],
@@ -85,7 +87,10 @@ class Trainer:
                           strategy=self.strategy, metrics=self.train_metrics,
                           global_clipnorm=global_clipnorm,
                           jit_compile=jit_compile)
+    self.is_chief = is_chief(self.strategy)
+    self.num_workers = num_workers(self.strategy)
     self._train_loop = tf.function(self._train_loop_fn)
+    self._agree = tf.function(self._agree_fn)
     self._eval_loop = tf.function(self._eval_loop_fn)
 
   @property
@@ -125,16 +130,20 @@ class Trainer:
     return {"steps": steps, "loss_sum": loss_sum, "count": count,
             "grad_norm": grad_norm, "skipped": skipped}
 
-  def train_steps(self, iterator, num_steps: int) -> dict[str, float]:
+  def train_steps(self, iterator, num_steps: int, *,
+                  reset_metrics: bool = True) -> dict[str, float]:
     """Runs up to `num_steps` steps from a distributed iterator.
 
     Returns the logs of this call (Python floats): `loss` (mean per-example
-    loss over the examples seen), each train metric, `steps`, `examples`,
-    `examples_per_sec`, `step_time` (seconds), `grad_norm` (last step),
-    `skipped_steps`, `learning_rate`, and `loss_scale` under mixed_float16.
+    loss over the examples seen), each train metric (accumulated since the
+    last reset), `steps`, `examples`, `loss_sum`, `examples_per_sec`,
+    `step_time` (seconds), `grad_norm` (last step), `skipped_steps`,
+    `learning_rate`, and `loss_scale` under mixed_float16. Every value is
+    global: reduced over replicas and workers.
     """
-    for metric in self.train_metrics:
-      metric.reset_state()
+    if reset_metrics:
+      for metric in self.train_metrics:
+        metric.reset_state()
     start = time.perf_counter()
     out = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
     out = {k: v.numpy() for k, v in out.items()}
@@ -142,6 +151,7 @@ class Trainer:
     steps = int(out["steps"])
     logs = {"loss": float(out["loss_sum"] / max(out["count"], 1.0)),
             "steps": steps, "examples": int(out["count"]),
+            "loss_sum": float(out["loss_sum"]),
             "examples_per_sec": float(out["count"] / elapsed),
             "step_time": elapsed / max(steps, 1),
             "grad_norm": float(out["grad_norm"]),
@@ -184,44 +194,119 @@ class Trainer:
       logs[metric.name] = float(metric.result())
     return logs
 
+  def _evaluate_with_callbacks(self, callback_list, eval_data) -> dict:
+    callback_list.on_test_begin()
+    eval_logs = self.evaluate(eval_data)
+    callback_list.on_test_end(eval_logs)
+    return eval_logs
+
+  def _agree_fn(self, stop, learning_rate):
+    def replica_fn():
+      ctx = tf.distribute.get_replica_context()
+      first = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float32)
+      # A sum of zeros and one value is exact: replica 0 (the chief's) wins.
+      return ctx.all_reduce("sum", tf.stack([stop, first * learning_rate]))
+    out = self.strategy.run(replica_fn)
+    return self.strategy.experimental_local_results(out)[0]
+
+  def _agree_on_decisions(self) -> None:
+    """Makes callback decisions the same on every worker (multi-worker only).
+
+    `stop_training` set on any worker stops all of them; the chief's learning
+    rate (e.g. from ReduceLROnPlateau) becomes everyone's. Every worker takes
+    part in this collective at the same points (DESIGN.md fact 11).
+    """
+    if self.num_workers == 1:
+      return
+    stop, lr = self._agree(
+        tf.constant(1.0 if self.model.stop_training else 0.0),
+        tf.constant(self.learning_rate(), tf.float32)).numpy()
+    self.model.stop_training = bool(stop > 0)
+    if float(lr) != self.learning_rate():
+      inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+      inner.learning_rate = float(lr)
+
   def fit(self, train_data: DatasetLike, *, steps: int,
+          steps_per_epoch: int | None = None,
           eval_data: DatasetLike | None = None, eval_every: int = 0,
           callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
-    """Trains until `global_step == steps`, evaluating every `eval_every`.
+    """Trains until `global_step == steps`, in epochs of `steps_per_epoch`.
 
-    Callbacks (the Keras protocol) see `on_train_begin`,
-    `on_train_batch_end(global_step, train_logs)` after every host loop,
-    `on_test_end(eval_logs)` after each evaluation (plain names such as
-    `loss` and `accuracy`, as in Keras) and `on_train_end(logs)`. Setting
-    `model.stop_training = True` ends the run after the current loop.
+    Evaluates on `eval_data` at the end of every epoch and, if `eval_every`
+    > 0, also every `eval_every` steps. A resumed run (global step > 0)
+    continues in the epoch that step belongs to. A finite `train_data` that
+    runs out ends the run.
+
+    Callbacks follow the Keras protocol, with global values (reduced over
+    replicas and workers) in every `logs`:
+      on_train_begin; per epoch on_epoch_begin(epoch), then per host loop of
+      up to `steps_per_loop` steps on_train_batch_begin(batch) and
+      on_train_batch_end(batch, logs) (`batch`: index within the epoch;
+      logs: `loss` and metrics averaged over the epoch so far, plus
+      `examples_per_sec`, `step_time`, `grad_norm`, `learning_rate`,
+      `skipped_steps`, `loss_scale`); on_test_begin/on_test_end(eval_logs)
+      around each evaluation; on_epoch_end(epoch, logs) with `loss`,
+      metrics, `learning_rate` and `val_loss`, `val_<metric>`; on_train_end.
+    Setting `model.stop_training = True` ends the run after the current host
+    loop, on every worker. Callbacks that only write output run on the chief
+    alone (trainer/callbacks/base.py).
 
     Returns the last train logs merged with the last eval logs (`eval/...`).
     """
+    steps_per_epoch = int(steps_per_epoch or steps)
+    callbacks = [cb for cb in callbacks
+                 if self.is_chief or not runs_on_chief_only(cb)]
+    for cb in callbacks:
+      if isinstance(cb, TrainerCallback):
+        cb.set_trainer(self)
+    self.model.optimizer = self.optimizer  # ReduceLROnPlateau and friends
     callback_list = keras.callbacks.CallbackList(
-        list(callbacks), model=self.model)
+        callbacks, model=self.model, verbose=0, steps=steps_per_epoch,
+        epochs=-(-steps // steps_per_epoch), total_steps=steps)
     iterator = iter(self.distribute(train_data))
     logs: dict = {}
+    eval_logs: dict = {}
     self.model.stop_training = False
     callback_list.on_train_begin()
-    while int(self.global_step.numpy()) < steps:
-      step = int(self.global_step.numpy())
-      todo = min(self.steps_per_loop, steps - step)
-      if eval_every:
-        todo = min(todo, eval_every - step % eval_every)
-      train_logs = self.train_steps(iterator, todo)
-      if train_logs["steps"] == 0:
-        break  # a finite dataset ran out
-      step = int(self.global_step.numpy())
-      logs = dict(train_logs)
-      callback_list.on_train_batch_end(step, train_logs)
-      at_end = step >= steps or train_logs["steps"] < todo
-      if eval_data is not None and (at_end or
-                                    (eval_every and step % eval_every == 0)):
-        callback_list.on_test_begin()
-        eval_logs = self.evaluate(eval_data)
-        callback_list.on_test_end(eval_logs)
-        logs.update({f"eval/{k}": v for k, v in eval_logs.items()})
-      if self.model.stop_training:
-        break
+    step = int(self.global_step.numpy())
+    exhausted = False
+    while step < steps and not (exhausted or self.model.stop_training):
+      epoch = step // steps_per_epoch
+      epoch_start, first_step = epoch * steps_per_epoch, step
+      epoch_end = min(epoch_start + steps_per_epoch, steps)
+      callback_list.on_epoch_begin(epoch)
+      self._agree_on_decisions()
+      loss_sum, examples = 0.0, 0
+      while step < epoch_end:
+        todo = min(self.steps_per_loop, epoch_end - step)
+        if eval_every:
+          todo = min(todo, eval_every - step % eval_every)
+        callback_list.on_train_batch_begin(step - epoch_start)
+        out = self.train_steps(iterator, todo,
+                               reset_metrics=step == first_step)
+        exhausted = out["steps"] < todo
+        if out["steps"] == 0:
+          break
+        step = int(self.global_step.numpy())
+        loss_sum += out.pop("loss_sum")
+        examples += out["examples"]
+        logs = {**out, "loss": loss_sum / max(examples, 1)}
+        callback_list.on_train_batch_end(step - epoch_start - 1, logs)
+        if (eval_data is not None and eval_every and step % eval_every == 0
+            and step < epoch_end and not exhausted):
+          eval_logs = self._evaluate_with_callbacks(callback_list, eval_data)
+        self._agree_on_decisions()
+        if exhausted or self.model.stop_training:
+          break
+      epoch_logs = {"loss": loss_sum / max(examples, 1),
+                    **{m.name: float(m.result()) for m in self.train_metrics},
+                    "learning_rate": self.learning_rate()}
+      if eval_data is not None:
+        eval_logs = self._evaluate_with_callbacks(callback_list, eval_data)
+        epoch_logs.update({f"val_{k}": v for k, v in eval_logs.items()
+                           if k != "num_examples"})
+      callback_list.on_epoch_end(epoch, epoch_logs)
+      self._agree_on_decisions()
+    logs.update({f"eval/{k}": v for k, v in eval_logs.items()})
     callback_list.on_train_end(logs)
     return logs

@@ -42,8 +42,13 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int):
         decay_steps=max(total_steps - warmup, 1),
         warmup_target=lr if warmup else None,
         warmup_steps=warmup)
+  if cfg.schedule == "step":
+    boundaries = sorted(int(b) for b in cfg.decay_steps)
+    return keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries, [lr * cfg.decay_factor**i
+                     for i in range(len(boundaries) + 1)])
   raise ConfigError(f"unknown optimizer.schedule {cfg.schedule!r}; use one "
-                    "of: constant, cosine")
+                    "of: constant, cosine, step")
 
 
 def build_optimizer(cfg: ml_collections.ConfigDict,

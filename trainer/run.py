@@ -11,18 +11,19 @@ import dataclasses
 import json
 import os
 import time
+from typing import Sequence
 
 import keras
 import ml_collections
 import tensorflow as tf
 from absl import logging
 
+from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import data as data_lib
 from trainer import models, optimizers, precision, strategy as strategy_lib
 from trainer.checkpoint import CheckpointEvery, Checkpointer
 from trainer.loop import Trainer
-from trainer.metrics_log import MetricsLogger
 
 TESTING_STEPS = 6  # train steps in --testing mode
 TESTING_EVAL_BATCHES = 4
@@ -34,6 +35,7 @@ class RunResult:
   steps: int  # global step at the end
   seconds: float
   device: str
+  is_chief: bool  # False on non-chief workers of a multi-worker run
 
 
 def testing_config(config: ml_collections.ConfigDict
@@ -45,14 +47,28 @@ def testing_config(config: ml_collections.ConfigDict
   config.train.steps = min(config.train.steps, TESTING_STEPS)
   config.train.steps_per_loop = min(config.train.steps_per_loop,
                                     config.train.steps)
+  config.train.steps_per_epoch = config.train.steps
   config.train.eval_every = 0
   config.train.checkpoint_every = 0
   return config
 
 
+def steps_per_epoch(config: ml_collections.ConfigDict,
+                    info: data_lib.DataInfo) -> int:
+  """`train.steps_per_epoch`, or one pass over the training set if 0."""
+  if config.train.steps_per_epoch:
+    return int(config.train.steps_per_epoch)
+  if not info.num_train:
+    return int(config.train.steps)  # size unknown: the run is one epoch
+  return max(1, info.num_train // config.data.global_batch_size)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | None, *,
-        testing: bool = False) -> RunResult:
+        testing: bool = False,
+        callbacks: Sequence[keras.callbacks.Callback] = ()) -> RunResult:
   """Trains and evaluates as `config` says; writes into `workdir` if given.
+
+  `callbacks` are added to the ones the config asks for (`callbacks.*`).
 
   Raises:
     UserError (ConfigError, DataError): bad input, before any file is written.
@@ -97,16 +113,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
       global_clipnorm=config.optimizer.global_clipnorm,
       jit_compile=config.train.jit_compile)
 
-  chief = strategy_lib.is_chief(strategy)
-  callbacks = []
+  callbacks = [*callbacks, *callbacks_lib.build_callbacks(
+      config, workdir, testing=testing)]
   checkpointer = None
+  chief = trainer.is_chief
+  if not chief:
+    logging.set_verbosity(logging.WARNING)  # the chief reports progress
   if workdir and chief:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w",
               encoding="utf-8") as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
-  callbacks.append(MetricsLogger(
-      os.path.join(workdir, "metrics.jsonl") if workdir and chief else None))
   if workdir and not testing:
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), model=model,
@@ -118,12 +135,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
 
   start = time.perf_counter()
   try:
-    logs = trainer.fit(train_fn, steps=config.train.steps, eval_data=eval_fn,
-                       eval_every=config.train.eval_every,
+    logs = trainer.fit(train_fn, steps=config.train.steps,
+                       steps_per_epoch=steps_per_epoch(config, source.info),
+                       eval_data=eval_fn, eval_every=config.train.eval_every,
                        callbacks=callbacks)
   finally:
     if checkpointer:
       checkpointer.close()
   device = strategy.extended.worker_devices[0]
   return RunResult(logs=logs, steps=int(trainer.global_step.numpy()),
-                   seconds=time.perf_counter() - start, device=device)
+                   seconds=time.perf_counter() - start, device=device,
+                   is_chief=chief)

@@ -80,11 +80,17 @@ def build_strategy(name: str = "auto",
   """
   if num_cpu_devices > 1:
     configure_cpu_devices(num_cpu_devices)
-  gpus, cpus = _gpu_names(), _cpu_names()
-  if name == "multi_worker":
+  if name == "multi_worker":  # before anything initialises the TF context
     _check_tf_config()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-  elif name == "one_device":
+    logging.info("strategy MultiWorkerMirroredStrategy: %d replica(s), "
+                 "cluster %s, this task %s %s", strategy.num_replicas_in_sync,
+                 strategy.cluster_resolver.cluster_spec().as_dict(),
+                 strategy.cluster_resolver.task_type,
+                 strategy.cluster_resolver.task_id)
+    return strategy
+  gpus, cpus = _gpu_names(), _cpu_names()
+  if name == "one_device":
     strategy = tf.distribute.OneDeviceStrategy((gpus or cpus)[0])
   elif name == "mirrored" or (name == "auto" and
                               (len(gpus) > 1 or
@@ -114,3 +120,10 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return True
   has_chief = "chief" in resolver.cluster_spec().as_dict()
   return task_type == "worker" and task_id == 0 and not has_chief
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+  """Processes taking part in the run (1 unless multi-worker)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  spec = resolver.cluster_spec().as_dict() if resolver else {}
+  return max(1, len(spec.get("worker", [])) + len(spec.get("chief", [])))

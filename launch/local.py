@@ -1,0 +1,139 @@
+r"""Runs a multi-worker job on this machine: N processes, TF_CONFIG on free ports.
+
+  python -m launch.local --num_workers=2 -- --config=configs/digits.py \
+      --workdir=runs/digits_2w [--config.KEY=VALUE ...]
+
+Everything after `--` goes to `python -m launch.train` (or `--module`), with
+`--config.distribution.strategy=multi_worker` appended. Each worker's output
+lines are prefixed `[worker i]`. SIGINT and SIGTERM are forwarded to every
+worker. If a worker fails, the others are stopped and the launcher exits
+with status 1, naming the worker; it exits 0 when every worker succeeds.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from absl import app, flags
+
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Worker processes.",
+                                    lower_bound=1)
+_MODULE = flags.DEFINE_string("module", "launch.train",
+                              "Python module each worker runs with -m.")
+_GRACE = flags.DEFINE_float(
+    "grace_seconds", 10.0, "After a failure, how long the other workers get "
+    "to exit after SIGTERM before SIGKILL.")
+
+EXIT_WORKER_FAILED = 1
+
+
+def free_ports(n: int) -> list[int]:
+  """n distinct free TCP ports on localhost."""
+  sockets = []
+  for _ in range(n):
+    s = socket.socket()
+    s.bind(("localhost", 0))
+    sockets.append(s)
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def tf_config(ports: list[int], index: int) -> str:
+  return json.dumps({
+      "cluster": {"worker": [f"localhost:{p}" for p in ports]},
+      "task": {"type": "worker", "index": index}})
+
+
+def _pump(stream, prefix: str, out) -> None:
+  for line in iter(stream.readline, ""):
+    out.write(f"{prefix}{line}")
+    out.flush()
+
+
+def describe_exit(code: int) -> str:
+  if code < 0:
+    return f"was killed by {signal.Signals(-code).name}"
+  return f"exited with status {code}"
+
+
+class Workers:
+  """The worker processes of one job, their output pumps and their fate."""
+
+  def __init__(self, argv: list[str], num_workers: int, module: str):
+    ports = free_ports(num_workers)
+    self.procs = []
+    self.pumps = []
+    for i in range(num_workers):
+      env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
+      proc = subprocess.Popen(
+          [sys.executable, "-u", "-m", module, *argv,
+           "--config.distribution.strategy=multi_worker"],
+          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+          start_new_session=True)  # signals reach workers only through us
+      self.procs.append(proc)
+      for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+        pump = threading.Thread(target=_pump, args=(stream, f"[worker {i}] ",
+                                                    out), daemon=True)
+        pump.start()
+        self.pumps.append(pump)
+
+  def signal_all(self, signum: int) -> None:
+    for proc in self.procs:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signum)
+
+  def stop(self, grace: float) -> None:
+    """SIGTERM to the live workers; SIGKILL whoever is left after `grace`."""
+    self.signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(
+        p.poll() is None for p in self.procs):
+      time.sleep(0.1)
+    self.signal_all(signal.SIGKILL)
+    for proc in self.procs:
+      proc.wait()
+
+  def wait(self, grace: float) -> int:
+    """Waits for all; on the first failure stops the rest. Returns exit code."""
+    failed = None
+    while failed is None and any(p.poll() is None for p in self.procs):
+      for i, proc in enumerate(self.procs):
+        if proc.poll() not in (None, 0):
+          failed = i
+          break
+      time.sleep(0.1)
+    if failed is None:  # all have exited; one may have failed last
+      failed = next((i for i, p in enumerate(self.procs) if p.returncode),
+                    None)
+    if failed is not None:
+      code = self.procs[failed].returncode
+      print(f"error: worker {failed} {describe_exit(code)}; stopping the "
+            "other workers", file=sys.stderr, flush=True)
+      self.stop(grace)
+    for pump in self.pumps:
+      pump.join(timeout=5)
+    return EXIT_WORKER_FAILED if failed is not None else 0
+
+
+def main(argv: list[str]) -> None:
+  worker_argv = argv[1:]
+  if not worker_argv:
+    print("error: no worker flags; usage: python -m launch.local "
+          "--num_workers=N -- --config=configs/digits.py --workdir=DIR",
+          file=sys.stderr)
+    sys.exit(2)
+  workers = Workers(worker_argv, _NUM_WORKERS.value, _MODULE.value)
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, lambda s, _: workers.signal_all(s))
+  sys.exit(workers.wait(_GRACE.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

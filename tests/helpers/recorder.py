@@ -1,0 +1,41 @@
+"""A user callback for multi-worker tests, loaded with `callbacks.custom`.
+
+`recorder:EpochRecorder` appends one JSON line per hook to
+$RECORD_DIR/worker-<task index>.jsonl: the hook, epoch, global step and logs.
+With $STOP_WORKER=i and $STOP_AFTER_EPOCH=e, worker i alone sets
+`stop_training` at the end of epoch e (the trainer must make every worker
+stop there).
+"""
+
+import json
+import os
+
+from trainer.callbacks import TrainerCallback
+
+
+def _task_index() -> int:
+  return json.loads(os.environ.get("TF_CONFIG") or "{}").get(
+      "task", {}).get("index", 0)
+
+
+class EpochRecorder(TrainerCallback):
+  """Records epoch ends and train end, on every worker."""
+
+  def __init__(self):
+    super().__init__()
+    self.path = os.path.join(os.environ["RECORD_DIR"],
+                             f"worker-{_task_index()}.jsonl")
+
+  def _record(self, hook, epoch=None, logs=None):
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"hook": hook, "epoch": epoch,
+                          "step": self.global_step, "logs": logs or {}}) + "\n")
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._record("epoch_end", epoch, logs)
+    if (str(_task_index()) == os.environ.get("STOP_WORKER") and
+        str(epoch) == os.environ.get("STOP_AFTER_EPOCH")):
+      self.model.stop_training = True
+
+  def on_train_end(self, logs=None):
+    self._record("train_end")

@@ -1,0 +1,67 @@
+"""Writes `WORKDIR/metrics.jsonl` and logs progress: one JSON object per event.
+
+Every line has `step` (the global step); train values under `train/...`
+(loss, accuracy, examples_per_sec, step_time, grad_norm, learning_rate,
+skipped_steps, loss_scale under mixed_float16) after every host loop, eval
+values under `eval/...` after every evaluation. At each epoch end it logs one
+line with the epoch's loss and metrics. Chief only.
+"""
+
+import json
+import os
+
+from absl import logging
+
+from trainer.callbacks.base import TrainerCallback
+
+
+class MetricsLogger(TrainerCallback):
+  """Appends train and eval logs to a JSONL file and to the absl log.
+
+  Args:
+    path: the JSONL file, or None to only log.
+  """
+
+  chief_only = True
+
+  def __init__(self, path: str | None):
+    super().__init__()
+    self.path = path
+    self.records: list[dict] = []
+    self._epochs = 0
+
+  def _write(self, record: dict) -> None:
+    self.records.append(record)
+    if self.path:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+  def on_train_begin(self, logs=None):
+    self._epochs = self.params.get("epochs", 0)
+
+  def on_train_batch_end(self, batch, logs=None):
+    logs = logs or {}
+    self._write({"step": self.global_step,
+                 **{f"train/{k}": v for k, v in logs.items()}})
+    extra = (f", loss_scale {logs['loss_scale']:g}"
+             if "loss_scale" in logs else "")
+    logging.info("step %d: loss %.4f, %.0f examples/s%s", self.global_step,
+                 logs.get("loss", float("nan")),
+                 logs.get("examples_per_sec", 0.0), extra)
+
+  def on_test_end(self, logs=None):
+    logs = logs or {}
+    self._write({"step": self.global_step,
+                 **{f"eval/{k}": v for k, v in logs.items()}})
+
+  def on_epoch_end(self, epoch, logs=None):
+    logs = logs or {}
+    logging.info("epoch %d/%d (step %d): %s", epoch + 1, self._epochs,
+                 self.global_step,
+                 ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of `workdir/metrics.jsonl`, in order."""
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
