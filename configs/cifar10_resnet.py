@@ -22,4 +22,5 @@ def get_config():
   c.train.steps_per_loop = 100
   c.train.checkpoint_every = 2000
   c.precision.policy = "mixed_float16"
+  c.data.in_memory = True  # fits in host memory: exact resume, global shuffle
   return c

@@ -17,4 +17,5 @@ def get_config():
   c.train.steps = 5000
   c.train.steps_per_loop = 100
   c.train.checkpoint_every = 1000
+  c.data.in_memory = True  # fits in host memory: exact resume, global shuffle
   return c

@@ -6,7 +6,11 @@ r"""Trains one config.
 Writes WORKDIR/config.json, WORKDIR/metrics.jsonl and WORKDIR/checkpoints/.
 `--testing` is the single-device testing mode: one device, a few train steps
 and a short eval, no checkpoints; it prints one verdict line and exits 0 on
-PASS, 1 on FAIL. Bad input prints one `error: ...` line and exits 2.
+PASS, 1 on FAIL. The same command on the same workdir resumes.
+
+Exit status: 0 done; 1 --testing FAIL; 2 bad input (one `error: ...` line);
+3 training diverged (NaN/inf loss in float32; checkpoints kept intact);
+75 preempted by SIGTERM (checkpoint saved at the next step boundary).
 """
 
 import os
@@ -25,11 +29,17 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/."
     " The same command on the same workdir resumes from the last checkpoint."
     " Optional with --testing.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir even though the config "
+    "changes the model, the data or the seed (refused by default).")
 _TESTING = flags.DEFINE_bool(
     "testing", False, "Single-device testing mode: one device, a few steps, "
     "no checkpoints, a one-line PASS/FAIL verdict.")
 
-EXIT_USAGE = 2
+EXIT_FAILED = 1  # a --testing FAIL, or a bug (with its traceback)
+EXIT_USAGE = 2  # bad input: one `error: ...` line
+EXIT_DIVERGED = 3  # NaN/inf loss in float32: stopped, checkpoints intact
+EXIT_PREEMPTED = 75  # SIGTERM: checkpoint saved; rerun the command to resume
 
 
 def fail(message: str) -> None:
@@ -75,19 +85,30 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value and not _TESTING.value:
     fail("--workdir is required (it may be omitted with --testing)")
   from trainer import run as run_lib  # pylint: disable=import-outside-toplevel
-  from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+  from trainer.errors import TrainingDiverged, UserError  # pylint: disable=import-outside-toplevel
   config_path = flags.FLAGS["config"].config_filename
   try:
-    result = run_lib.run(_CONFIG.value, _WORKDIR.value, testing=_TESTING.value)
+    result = run_lib.run(_CONFIG.value, _WORKDIR.value, testing=_TESTING.value,
+                         allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except UserError as e:
     fail(str(e))
+  except TrainingDiverged as e:
+    if _TESTING.value:
+      print(f"testing: FAIL {config_path}: training diverged: {e}")
+      sys.exit(EXIT_FAILED)
+    kept = (f"the last good checkpoint, {e.checkpoint}, is intact"
+            if e.checkpoint else "no checkpoint was written")
+    print(f"error: training diverged: {e}; {kept}. Lower "
+          "optimizer.learning_rate or set optimizer.global_clipnorm",
+          file=sys.stderr)
+    sys.exit(EXIT_DIVERGED)
   except Exception as e:  # pylint: disable=broad-except
     if not _TESTING.value:
       raise
     logging.exception("testing run failed")
     print(f"testing: FAIL {config_path}: {type(e).__name__}: "
           f"{str(e).splitlines()[0] if str(e) else ''}")
-    sys.exit(1)
+    sys.exit(EXIT_FAILED)
   logs = result.logs
   if _TESTING.value:
     import math  # pylint: disable=import-outside-toplevel
@@ -100,6 +121,11 @@ def main(argv: list[str]) -> None:
           f"{logs.get('eval/accuracy', float('nan')):.4f} on "
           f"{logs.get('eval/num_examples', 0)} examples")
     sys.exit(0 if ok else 1)
+  if result.preempted:
+    if result.is_chief:
+      print(f"preempted: stopped at step {result.steps} on SIGTERM, "
+            "checkpoint saved; run the same command to resume")
+    sys.exit(EXIT_PREEMPTED)
   if not result.is_chief:
     return  # the chief reports for the job
   logging.info("done: step %d, %s", result.steps,

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import Trainer
+from trainer.errors import TrainingDiverged
 
 GLOBAL_BATCH = 8
 
@@ -216,15 +217,28 @@ def test_learning_rate_scheduler_sets_the_rate_each_epoch(mirrored):
   assert seen == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.1 / 3, 0.1 / 3])
 
 
-def test_terminate_on_nan_stops_after_the_first_bad_loop(mirrored):
+def _nan_at_step_3():
   x, y = _data()
   x[2 * GLOBAL_BATCH + 5] = np.nan  # one example of step 3, on replica 1
-  train = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+  return tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+
+
+def test_terminate_on_nan_stops_after_the_first_bad_loop(mirrored, policy):
+  policy("mixed_float16")  # the loss scale skips the step; the loss is NaN
   trainer = _trainer(mirrored)
-  logs = trainer.fit(train, steps=8, steps_per_epoch=4,
+  logs = trainer.fit(_nan_at_step_3(), steps=8, steps_per_epoch=4,
                      callbacks=[keras.callbacks.TerminateOnNaN()])
-  assert np.isnan(logs["loss"])
+  assert np.isnan(logs["loss"]) and logs["skipped_steps"] == 1
   assert int(trainer.global_step.numpy()) == 3
+
+
+def test_nan_loss_in_float32_raises_before_any_callback_sees_it(mirrored):
+  seen = WeightsAndLogs()
+  with pytest.raises(TrainingDiverged, match="after global step 3") as e:
+    _trainer(mirrored).fit(_nan_at_step_3(), steps=8, steps_per_epoch=4,
+                           callbacks=[seen])
+  assert e.value.step == 3 and np.isnan(e.value.loss)
+  assert len(seen.logs) == 2  # steps 1 and 2 only
 
 
 def test_csv_logger_writes_one_row_per_epoch(mirrored, tmp_path):

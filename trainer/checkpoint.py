@@ -13,6 +13,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer.callbacks.base import TrainerCallback
+from trainer.errors import ConfigError, DataError
 
 
 class Checkpointer:
@@ -36,14 +37,30 @@ class Checkpointer:
         step_counter=global_step)
 
   def restore_latest(self) -> int | None:
-    """Restores the newest checkpoint; returns its step, or None if none."""
-    path = self.manager.latest_checkpoint
-    if not path:
-      return None
-    self.checkpoint.restore(path).assert_existing_objects_matched()
-    step = int(self.checkpoint.global_step.numpy())
-    logging.info("restored %s (step %d)", path, step)
-    return step
+    """Restores the newest readable checkpoint; returns its step, or None.
+
+    A truncated or corrupt checkpoint is reported and the one before it is
+    tried. A checkpoint that does not fit the model is a ConfigError.
+    """
+    for path in reversed(self.manager.checkpoints):
+      try:
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+      except ValueError as e:  # shapes or structure differ from the model
+        raise ConfigError(
+            f"checkpoint {path} does not fit this model ({e}); use a new "
+            "--workdir for a different model") from None
+      except (tf.errors.OpError, AssertionError) as e:
+        logging.warning("checkpoint %s is unreadable (%s: %s); falling back "
+                        "to the one before it", path, type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+        continue
+      step = int(self.checkpoint.global_step.numpy())
+      logging.info("restored %s (step %d)", path, step)
+      return step
+    if self.manager.checkpoints:
+      raise DataError(f"no checkpoint in {self.directory} can be read; "
+                      "move the directory away to start from scratch")
+    return None
 
   def save(self) -> str:
     step = int(self.checkpoint.global_step.numpy())

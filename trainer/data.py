@@ -41,6 +41,9 @@ class Source:
   train: tf.data.Dataset  # unbatched (image, label), finite
   eval: tf.data.Dataset
   info: DataInfo
+  # The training split in memory, (images [N, ...], labels [N]), when it
+  # fits: then the training stream is random access and resumes in O(1).
+  train_arrays: tuple | None = None
 
 
 def _digits() -> Source:
@@ -54,7 +57,8 @@ def _digits() -> Source:
   make = lambda idx: tf.data.Dataset.from_tensor_slices(
       (images[idx], labels[idx]))
   return Source(make(train_idx), make(eval_idx),
-                DataInfo((8, 8, 1), 10, len(train_idx), len(eval_idx)))
+                DataInfo((8, 8, 1), 10, len(train_idx), len(eval_idx)),
+                train_arrays=(images[train_idx], labels[train_idx]))
 
 
 def _synthetic(cfg: ml_collections.ConfigDict, seed: int) -> Source:
@@ -67,7 +71,8 @@ def _synthetic(cfg: ml_collections.ConfigDict, seed: int) -> Source:
   images = rng.uniform(size=(n,) + shape).astype(np.float32)
   labels = rng.randint(0, cfg.num_classes, size=n).astype(np.int32)
   ds = tf.data.Dataset.from_tensor_slices((images, labels))
-  return Source(ds, ds, DataInfo(shape, int(cfg.num_classes), n, n))
+  return Source(ds, ds, DataInfo(shape, int(cfg.num_classes), n, n),
+                train_arrays=(images, labels))
 
 
 def _tfds(cfg: ml_collections.ConfigDict, seed: int) -> Source:
@@ -118,10 +123,17 @@ def _tfds(cfg: ml_collections.ConfigDict, seed: int) -> Source:
   if None in shape:
     raise DataError(f"TFDS dataset {cfg.name!r} has images of varying size; "
                     "set --config.data.image_size=N to resize them")
-  return Source(load(cfg.train_split, True), load(cfg.eval_split, False),
+  train = load(cfg.train_split, True)
+  arrays = None
+  if cfg.in_memory:  # one ordered pass, then random access from memory
+    ordered = load(cfg.train_split, False).batch(4096)
+    batches = list(ordered.as_numpy_iterator())
+    arrays = tuple(np.concatenate(parts) for parts in zip(*batches))
+  return Source(train, load(cfg.eval_split, False),
                 DataInfo(shape, int(features["label"].num_classes),
                          split_size(cfg.train_split),
-                         split_size(cfg.eval_split)))
+                         split_size(cfg.eval_split)),
+                train_arrays=arrays)
 
 
 def load_source(cfg: ml_collections.ConfigDict, seed: int) -> Source:
@@ -134,13 +146,16 @@ def load_source(cfg: ml_collections.ConfigDict, seed: int) -> Source:
 
 
 def input_fn(examples: tf.data.Dataset, *, global_batch_size: int,
-             training: bool, seed: int = 0, shuffle_buffer: int = 10_000
+             training: bool, seed: int = 0, shuffle_buffer: int = 10_000,
+             start_step: int = 0
             ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
   """A dataset function for `strategy.distribute_datasets_from_function`.
 
   Training: shuffled with `seed` (reshuffled each epoch), repeated, full
-  batches only. Eval: one pass in order, the last batch partial, so every
-  example is seen exactly once.
+  batches only; `start_step` skips the batches of the steps already taken
+  (reading them: O(start_step); in-memory sources use `stream_input_fn`).
+  Eval: one pass in order, the last batch partial, so every example is seen
+  exactly once.
   """
 
   def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -152,9 +167,81 @@ def input_fn(examples: tf.data.Dataset, *, global_batch_size: int,
     ds = ds.batch(per_replica, drop_remainder=training)
     if ctx.num_input_pipelines > 1:
       ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+    if start_step:
+      ds = ds.skip(start_step * ctx.num_replicas_in_sync //
+                   ctx.num_input_pipelines)
     return ds.prefetch(tf.data.AUTOTUNE)
 
   return dataset_fn
+
+
+def stream_positions(first_batch: tf.Tensor, per_replica: int,
+                     num_examples: int, seed: int) -> tf.Tensor:
+  """Example indices of per-replica batch `first_batch` of the stream.
+
+  The training stream is epoch after epoch of the N examples, each epoch a
+  permutation fixed by (seed, epoch). Global step k reads stream positions
+  [k * B, (k + 1) * B); per-replica batch q reads [q * b, (q + 1) * b).
+  Random access: any batch is computed directly, without reading the ones
+  before it. Returns int64 [per_replica].
+  """
+  pos = first_batch * per_replica + tf.range(per_replica, dtype=tf.int64)
+  epoch, index = pos // num_examples, pos % num_examples
+  max_index = tf.fill(tf.shape(index), tf.constant(num_examples - 1,
+                                                   tf.int64))
+  first_epoch = epoch[0]  # a batch spans at most two epochs (b <= N)
+
+  def permuted(e):
+    return tf.random.experimental.index_shuffle(
+        index, tf.stack([tf.constant(seed, tf.int64), e]), max_index)
+
+  return tf.where(epoch == first_epoch, permuted(first_epoch),
+                  permuted(first_epoch + 1))
+
+
+def stream_input_fn(arrays: tuple, *, global_batch_size: int, seed: int,
+                    start_step: int = 0
+                   ) -> Callable[[tf.distribute.InputContext],
+                                 tf.data.Dataset]:
+  """The training dataset function for a source held in memory.
+
+  Per-replica batch q of the stream (see `stream_positions`) goes to input
+  pipeline q mod P, whose replicas take its batches in turn: the same global
+  batches for any number of replicas or workers. Starting at `start_step`
+  costs nothing: the position is derived from the step (DESIGN.md fact 8).
+  """
+  images, labels = arrays
+  num_examples = len(labels)
+
+  def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    per_replica = ctx.get_per_replica_batch_size(global_batch_size)
+    if per_replica > num_examples:
+      raise DataError(f"a per-replica batch of {per_replica} is larger than "
+                      f"the {num_examples} training examples")
+    images_t, labels_t = tf.constant(images), tf.constant(labels)
+    first = start_step * ctx.num_replicas_in_sync + ctx.input_pipeline_id
+    batches = tf.data.Dataset.range(first, 2**62, ctx.num_input_pipelines)
+
+    def gather(q):
+      idx = stream_positions(q, per_replica, num_examples, seed)
+      return tf.gather(images_t, idx), tf.gather(labels_t, idx)
+
+    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+  return dataset_fn
+
+
+def train_input_fn(source: Source, *, global_batch_size: int, seed: int,
+                   shuffle_buffer: int, start_step: int = 0):
+  """The training dataset function: random access if in memory."""
+  if source.train_arrays is not None:
+    return stream_input_fn(source.train_arrays,
+                           global_batch_size=global_batch_size, seed=seed,
+                           start_step=start_step)
+  return input_fn(source.train, global_batch_size=global_batch_size,
+                  training=True, seed=seed, shuffle_buffer=shuffle_buffer,
+                  start_step=start_step)
 
 
 def check_batch_size(global_batch_size: int, num_replicas: int,

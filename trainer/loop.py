@@ -6,6 +6,7 @@ loop inside one `tf.function` (as in Orbit's loop_fns), each step a
 ends the loop early; a partial last batch is averaged over its real size.
 """
 
+import math
 import time
 from typing import Callable, Sequence
 
@@ -13,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from trainer import precision
+from trainer.errors import TrainingDiverged
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
 from trainer.strategy import is_chief, num_workers
 from trainer.step import ComputeLoss, TrainStep, make_compute_loss
@@ -91,6 +93,8 @@ class Trainer:
     self.num_workers = num_workers(self.strategy)
     self._train_loop = tf.function(self._train_loop_fn)
     self._agree = tf.function(self._agree_fn)
+    self._preempt_requested = False
+    self.preempted = False  # the run stopped early on request_preemption()
     self._eval_loop = tf.function(self._eval_loop_fn)
 
   @property
@@ -200,12 +204,21 @@ class Trainer:
     callback_list.on_test_end(eval_logs)
     return eval_logs
 
-  def _agree_fn(self, stop, learning_rate):
+  def request_preemption(self) -> None:
+    """Asks the run to stop at the next host-loop boundary (e.g. on SIGTERM).
+
+    Safe to call from a signal handler. On every worker the run stops at the
+    same step; `self.preempted` is then True and the final checkpoint saved.
+    """
+    self._preempt_requested = True
+
+  def _agree_fn(self, stop, learning_rate, preempt):
     def replica_fn():
       ctx = tf.distribute.get_replica_context()
       first = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float32)
       # A sum of zeros and one value is exact: replica 0 (the chief's) wins.
-      return ctx.all_reduce("sum", tf.stack([stop, first * learning_rate]))
+      return ctx.all_reduce("sum", tf.stack(
+          [stop, first * learning_rate, preempt]))
     out = self.strategy.run(replica_fn)
     return self.strategy.experimental_local_results(out)[0]
 
@@ -217,11 +230,14 @@ class Trainer:
     part in this collective at the same points (DESIGN.md fact 11).
     """
     if self.num_workers == 1:
+      self.preempted = self._preempt_requested
       return
-    stop, lr = self._agree(
+    stop, lr, preempt = self._agree(
         tf.constant(1.0 if self.model.stop_training else 0.0),
-        tf.constant(self.learning_rate(), tf.float32)).numpy()
+        tf.constant(self.learning_rate(), tf.float32),
+        tf.constant(1.0 if self._preempt_requested else 0.0)).numpy()
     self.model.stop_training = bool(stop > 0)
+    self.preempted = bool(preempt > 0)
     if float(lr) != self.learning_rate():
       inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
       inner.learning_rate = float(lr)
@@ -252,6 +268,10 @@ class Trainer:
     alone (trainer/callbacks/base.py).
 
     Returns the last train logs merged with the last eval logs (`eval/...`).
+
+    Raises:
+      TrainingDiverged: the loss is NaN or inf without a loss scale (float32,
+        mixed_bfloat16), before any callback (so no checkpoint) sees it.
     """
     steps_per_epoch = int(steps_per_epoch or steps)
     callbacks = [cb for cb in callbacks
@@ -270,7 +290,8 @@ class Trainer:
     callback_list.on_train_begin()
     step = int(self.global_step.numpy())
     exhausted = False
-    while step < steps and not (exhausted or self.model.stop_training):
+    while step < steps and not (exhausted or self.model.stop_training
+                                or self.preempted):
       epoch = step // steps_per_epoch
       epoch_start, first_step = epoch * steps_per_epoch, step
       epoch_end = min(epoch_start + steps_per_epoch, steps)
@@ -288,6 +309,8 @@ class Trainer:
         if out["steps"] == 0:
           break
         step = int(self.global_step.numpy())
+        if self.step.loss_scale is None and not math.isfinite(out["loss"]):
+          raise TrainingDiverged(step, out["loss"])  # before any callback
         loss_sum += out.pop("loss_sum")
         examples += out["examples"]
         logs = {**out, "loss": loss_sum / max(examples, 1)}
@@ -296,8 +319,10 @@ class Trainer:
             and step < epoch_end and not exhausted):
           eval_logs = self._evaluate_with_callbacks(callback_list, eval_data)
         self._agree_on_decisions()
-        if exhausted or self.model.stop_training:
+        if exhausted or self.model.stop_training or self.preempted:
           break
+      if self.preempted:
+        break  # mid-epoch: no epoch end; the resumed run finishes the epoch
       epoch_logs = {"loss": loss_sum / max(examples, 1),
                     **{m.name: float(m.result()) for m in self.train_metrics},
                     "learning_rate": self.learning_rate()}

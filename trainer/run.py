@@ -10,6 +10,8 @@ dataset lookup, model shapes) runs before the workdir is touched.
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from typing import Sequence
 
@@ -23,6 +25,7 @@ from trainer import config as config_lib
 from trainer import data as data_lib
 from trainer import models, optimizers, precision, strategy as strategy_lib
 from trainer.checkpoint import CheckpointEvery, Checkpointer
+from trainer.errors import ConfigError, TrainingDiverged
 from trainer.loop import Trainer
 
 TESTING_STEPS = 6  # train steps in --testing mode
@@ -36,6 +39,7 @@ class RunResult:
   seconds: float
   device: str
   is_chief: bool  # False on non-chief workers of a multi-worker run
+  preempted: bool  # stopped early by SIGTERM; the checkpoint is saved
 
 
 def testing_config(config: ml_collections.ConfigDict
@@ -53,6 +57,48 @@ def testing_config(config: ml_collections.ConfigDict
   return config
 
 
+# Config keys whose change makes a checkpoint mean something else.
+RUN_DEFINING_KEYS = ("seed", "model", "data.name", "data.global_batch_size",
+                     "data.image_size", "data.train_split",
+                     "data.synthetic_shape", "data.synthetic_examples",
+                     "data.num_classes")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
+                        allow_change: bool) -> None:
+  """Refuses to resume `workdir` with a config that changes the run."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved = _flatten(json.load(f))
+  new = _flatten(json.loads(json.dumps(config.to_dict(), default=list)))
+  changed = sorted(
+      k for k in set(saved) | set(new)
+      if saved.get(k) != new.get(k) and any(
+          k == d or k.startswith(d + ".") for d in RUN_DEFINING_KEYS))
+  if not changed:
+    return
+  detail = ", ".join(f"{k} {saved.get(k)!r} -> {new.get(k)!r}"
+                     for k in changed)
+  if allow_change:
+    logging.warning("resuming %s with a changed config: %s", workdir, detail)
+    return
+  raise ConfigError(
+      f"workdir {workdir} holds a run with a different config ({detail}); "
+      "use a new --workdir, or pass --allow_config_change to resume anyway")
+
+
 def steps_per_epoch(config: ml_collections.ConfigDict,
                     info: data_lib.DataInfo) -> int:
   """`train.steps_per_epoch`, or one pass over the training set if 0."""
@@ -64,11 +110,14 @@ def steps_per_epoch(config: ml_collections.ConfigDict,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None, *,
-        testing: bool = False,
+        testing: bool = False, allow_config_change: bool = False,
         callbacks: Sequence[keras.callbacks.Callback] = ()) -> RunResult:
   """Trains and evaluates as `config` says; writes into `workdir` if given.
 
   `callbacks` are added to the ones the config asks for (`callbacks.*`).
+  A workdir with a run in it is resumed; if its saved config differs in
+  what defines the run (RUN_DEFINING_KEYS), that is refused unless
+  `allow_config_change`.
 
   Raises:
     UserError (ConfigError, DataError): bad input, before any file is written.
@@ -88,10 +137,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
     tf.config.experimental.enable_op_determinism()
 
   source = data_lib.load_source(config.data, config.seed)
-  train_fn = data_lib.input_fn(
-      source.train, global_batch_size=config.data.global_batch_size,
-      training=True, seed=config.seed,
-      shuffle_buffer=config.data.shuffle_buffer)
   eval_examples = source.eval
   if testing:
     eval_examples = eval_examples.take(TESTING_EVAL_BATCHES *
@@ -119,6 +164,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   chief = trainer.is_chief
   if not chief:
     logging.set_verbosity(logging.WARNING)  # the chief reports progress
+  if workdir and not testing:
+    check_resume_config(workdir, config, allow_config_change)
   if workdir and chief:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w",
@@ -133,16 +180,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
     callbacks.append(CheckpointEvery(checkpointer,
                                      config.train.checkpoint_every))
 
+  # The input position is derived from the (restored) global step.
+  train_fn = data_lib.train_input_fn(
+      source, global_batch_size=config.data.global_batch_size,
+      seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
+      start_step=int(trainer.global_step.numpy()))
   start = time.perf_counter()
+  previous_handler = signal.getsignal(signal.SIGTERM)
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM,
+                  lambda *_: trainer.request_preemption())
   try:
     logs = trainer.fit(train_fn, steps=config.train.steps,
                        steps_per_epoch=steps_per_epoch(config, source.info),
                        eval_data=eval_fn, eval_every=config.train.eval_every,
                        callbacks=callbacks)
+  except TrainingDiverged as e:
+    e.checkpoint = checkpointer.manager.latest_checkpoint if checkpointer else None
+    raise
   finally:
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, previous_handler)
     if checkpointer:
       checkpointer.close()
   device = strategy.extended.worker_devices[0]
   return RunResult(logs=logs, steps=int(trainer.global_step.numpy()),
                    seconds=time.perf_counter() - start, device=device,
-                   is_chief=chief)
+                   is_chief=chief, preempted=trainer.preempted)

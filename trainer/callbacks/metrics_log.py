@@ -3,7 +3,8 @@
 Every line has `step` (the global step); train values under `train/...`
 (loss, accuracy, examples_per_sec, step_time, grad_norm, learning_rate,
 skipped_steps, loss_scale under mixed_float16) after every host loop, eval
-values under `eval/...` after every evaluation. At each epoch end it logs one
+values under `eval/...` after every evaluation. On resume, lines past the
+restored step (written before a crash) are dropped. At each epoch end it logs one
 line with the epoch's loss and metrics. Chief only.
 """
 
@@ -38,6 +39,14 @@ class MetricsLogger(TrainerCallback):
 
   def on_train_begin(self, logs=None):
     self._epochs = self.params.get("epochs", 0)
+    if self.path and os.path.exists(self.path):  # resumed: drop what the
+      step = self.global_step                    # restored state undid
+      with open(self.path, encoding="utf-8") as f:
+        lines = [l for l in f if l.strip()]
+      kept = [l for l in lines if json.loads(l)["step"] <= step]
+      if len(kept) < len(lines):
+        with open(self.path, "w", encoding="utf-8") as f:
+          f.writelines(kept)
 
   def on_train_batch_end(self, batch, logs=None):
     logs = logs or {}
