@@ -30,8 +30,13 @@ class Checkpointer:
                is_chief: bool = True, max_to_keep: int = 3):
     self._scratch = None if is_chief else tempfile.mkdtemp(prefix="ckpt_")
     self.directory = directory if is_chief else self._scratch
-    self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                          global_step=global_step)
+    # Keras 3 models do not expose their variables to tf.train.Checkpoint
+    # (only the optimizer's copies of the trainable ones get saved), so the
+    # model's state is listed by variable path: weights, non-trainable
+    # statistics (batch norm) and the dropout seed generators' state.
+    self.checkpoint = tf.train.Checkpoint(
+        model={v.path: v for v in model.variables}, optimizer=optimizer,
+        global_step=global_step)
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, self.directory, max_to_keep=max_to_keep,
         step_counter=global_step)
@@ -49,7 +54,7 @@ class Checkpointer:
         raise ConfigError(
             f"checkpoint {path} does not fit this model ({e}); use a new "
             "--workdir for a different model") from None
-      except (tf.errors.OpError, AssertionError) as e:
+      except (tf.errors.OpError, AssertionError, IndexError) as e:
         logging.warning("checkpoint %s is unreadable (%s: %s); falling back "
                         "to the one before it", path, type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "")

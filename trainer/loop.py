@@ -259,7 +259,7 @@ class Trainer:
       up to `steps_per_loop` steps on_train_batch_begin(batch) and
       on_train_batch_end(batch, logs) (`batch`: index within the epoch;
       logs: `loss` and metrics averaged over the epoch so far, plus
-      `examples_per_sec`, `step_time`, `grad_norm`, `learning_rate`,
+      `loop_loss` (mean over this loop's examples), `examples_per_sec`, `step_time`, `grad_norm`, `learning_rate`,
       `skipped_steps`, `loss_scale`); on_test_begin/on_test_end(eval_logs)
       around each evaluation; on_epoch_end(epoch, logs) with `loss`,
       metrics, `learning_rate` and `val_loss`, `val_<metric>`; on_train_end.
@@ -313,7 +313,8 @@ class Trainer:
           raise TrainingDiverged(step, out["loss"])  # before any callback
         loss_sum += out.pop("loss_sum")
         examples += out["examples"]
-        logs = {**out, "loss": loss_sum / max(examples, 1)}
+        logs = {**out, "loop_loss": out["loss"],
+                "loss": loss_sum / max(examples, 1)}
         callback_list.on_train_batch_end(step - epoch_start - 1, logs)
         if (eval_data is not None and eval_every and step % eval_every == 0
             and step < epoch_end and not exhausted):

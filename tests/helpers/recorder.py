@@ -39,3 +39,12 @@ class EpochRecorder(TrainerCallback):
 
   def on_train_end(self, logs=None):
     self._record("train_end")
+
+
+class KillAt(TrainerCallback):
+  """SIGKILLs its own process at the first host-loop end at or after global
+  step $KILL_AT_STEP: a crash at an arbitrary step, as a real kill."""
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.global_step >= int(os.environ.get("KILL_AT_STEP", "-1")) >= 0:
+      os.kill(os.getpid(), 9)

@@ -1,0 +1,179 @@
+"""Checkpoints and resume: exact after SIGKILL, SIGTERM preemption, corrupt
+checkpoints, config changes, a different replica count, NaN stops."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import digits
+from conftest import ROOT, run_module
+from trainer import data as data_lib
+from trainer.callbacks import read_metrics
+from trainer.errors import ConfigError
+from trainer.run import run
+
+
+def _variables(checkpoint_dir) -> dict[str, np.ndarray]:
+  reader = tf.train.load_checkpoint(str(checkpoint_dir))
+  return {name: reader.get_tensor(name)
+          for name in reader.get_variable_to_shape_map()
+          if "save_counter" not in name}
+
+
+def test_stream_resumed_at_any_step_continues_the_same_batches(mirrored):
+  images = np.arange(50, dtype=np.float32)[:, None]
+  labels = np.arange(50, dtype=np.int32)
+
+  def batches(strategy, start, steps):
+    fn = data_lib.stream_input_fn((images, labels), global_batch_size=8,
+                                  seed=3, start_step=start)
+    it = iter(strategy.distribute_datasets_from_function(fn))
+    out = []
+    for _ in range(steps):
+      parts = strategy.experimental_local_results(next(it)[1])
+      out.append(np.concatenate([p.numpy() for p in parts]).tolist())
+    return out
+
+  one = tf.distribute.OneDeviceStrategy("/cpu:0")
+  straight = batches(one, 0, 20)
+  assert batches(one, 0, 7) + batches(one, 7, 13) == straight
+  assert batches(mirrored, 7, 13) == straight[7:]  # 2 replicas: same batches
+  seen = [i for b in straight for i in b]  # 160 = 3 epochs of 50 + 10
+  for epoch in range(3):  # each epoch: every example exactly once
+    assert sorted(seen[epoch * 50:(epoch + 1) * 50]) == list(range(50))
+  assert seen[:50] != seen[50:100]  # reshuffled each epoch
+
+
+EXACT = ["--config=configs/digits.py", "--config.train.deterministic=True",
+         "--config.train.steps=120", "--config.train.steps_per_loop=10",
+         "--config.train.steps_per_epoch=40",
+         "--config.train.checkpoint_every=30", "--config.model.dropout=0.2",
+         "--config.callbacks.progress_bar=False",
+         "--config.callbacks.tensorboard=False",
+         "--config.callbacks.custom=recorder:KillAt"]
+HELPERS = {"PYTHONPATH": os.path.join(ROOT, "tests", "helpers")}
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_restart_is_bit_identical(tmp_path):
+  kill_at = random.Random().choice([s for s in range(10, 111, 10)
+                                    if s % 30])
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  assert run_module("launch.train", *EXACT, f"--workdir={straight}",
+                    env=HELPERS).returncode == 0
+  proc = run_module("launch.train", *EXACT, f"--workdir={killed}",
+                    env={**HELPERS, "KILL_AT_STEP": str(kill_at)})
+  assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr[-2000:])
+  again = run_module("launch.train", *EXACT, f"--workdir={killed}",
+                     env=HELPERS)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"(step {kill_at // 30 * 30})" in again.stderr or kill_at < 30
+  want = _variables(straight / "checkpoints")
+  got = _variables(killed / "checkpoints")
+  assert sorted(got) == sorted(want) and len(want) > 10
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
+  # The same examples in the same order: every loop's loss is identical.
+  losses = lambda d: [(r["step"], r["train/loop_loss"])
+                      for r in read_metrics(d) if "train/loop_loss" in r]
+  assert losses(killed) == losses(straight)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_within_one_loop_and_the_rerun_continues(tmp_path):
+  args = ["launch.train", "--config=configs/digits.py",
+          f"--workdir={tmp_path}", "--config.train.steps=100000",
+          "--config.train.steps_per_loop=20",
+          "--config.callbacks.progress_bar=False"]
+  proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=dict(os.environ,
+                                              TF_CPP_MIN_LOG_LEVEL="2"))
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.monotonic() + 120
+  while time.monotonic() < deadline and not (
+      metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  sent = time.monotonic()
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 75, err[-3000:]
+  assert time.monotonic() - sent < 10  # one loop of 20 steps is ~0.05 s
+  step = read_metrics(tmp_path)[-1]["step"]
+  assert f"preempted: stopped at step {step} on SIGTERM" in out
+  assert (tmp_path / "checkpoints" / f"ckpt-{step}.index").exists()
+  again = run_module(*args[:3], f"--config.train.steps={step + 40}",
+                     *args[4:])
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"(step {step})" in again.stderr
+  assert read_metrics(tmp_path)[-1]["step"] == step + 40
+
+
+def _config(**train):
+  config = digits.get_config()
+  config.callbacks.progress_bar = False
+  config.callbacks.tensorboard = False
+  for key, value in train.items():
+    config.train[key] = value
+  return config
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(
+    tmp_path, caplog):
+  run(_config(steps=60, checkpoint_every=20), str(tmp_path))
+  data = tmp_path / "checkpoints" / "ckpt-60.data-00000-of-00001"
+  data.write_bytes(data.read_bytes()[:100])  # truncated
+  result = run(_config(steps=80, checkpoint_every=20), str(tmp_path))
+  assert "ckpt-60 is unreadable" in caplog.text
+  assert "restored" in caplog.text and "(step 40)" in caplog.text
+  assert result.steps == 80
+
+
+def test_resume_with_a_changed_model_is_refused_unless_allowed(tmp_path):
+  run(_config(steps=20), str(tmp_path))
+  config = _config(steps=40)
+  config.model.dropout = 0.5
+  with pytest.raises(ConfigError, match=r"model.dropout 0.0 -> 0.5.*"
+                     "--allow_config_change"):
+    run(config, str(tmp_path))
+  assert run(config, str(tmp_path), allow_config_change=True).steps == 40
+
+
+def test_two_replica_checkpoint_resumes_on_one_device(tmp_path):
+  config = _config(steps=100)
+  config.distribution.strategy = "mirrored"
+  config.distribution.num_cpu_devices = 2
+  run(config, str(tmp_path))
+  config = _config(steps=300)
+  config.distribution.strategy = "one_device"
+  result = run(config, str(tmp_path))
+  assert result.steps == 300 and "one_device" not in result.device
+  records = [r for r in read_metrics(tmp_path) if "eval/accuracy" in r]
+  assert [r["step"] for r in records] == [100, 200, 300]
+  assert records[-1]["eval/accuracy"] > records[0]["eval/accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_nan_in_float32_stops_with_the_step_and_keeps_the_checkpoint(
+    tmp_path):
+  base = ["launch.train", "--config=configs/digits.py", f"--workdir={tmp_path}",
+          "--config.train.checkpoint_every=20",
+          "--config.callbacks.progress_bar=False"]
+  assert run_module(*base, "--config.train.steps=40").returncode == 0
+  ckpt = tmp_path / "checkpoints"
+  before = {p: (ckpt / p).read_bytes() for p in os.listdir(ckpt)}
+  proc = run_module(*base, "--config.train.steps=200",
+                    "--config.optimizer.learning_rate=1e30")
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: training diverged: the training loss is")
+  assert "after global step" in last and "ckpt-40, is intact" in last
+  assert {p: (ckpt / p).read_bytes() for p in os.listdir(ckpt)} == before
