@@ -2,6 +2,7 @@
 checkpoints, config changes, a different replica count, NaN stops."""
 
 import json
+import logging
 import os
 import random
 import signal
@@ -128,10 +129,13 @@ def _config(**train):
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(
     tmp_path, caplog):
-  run(_config(steps=60, checkpoint_every=20), str(tmp_path))
+  caplog.set_level(logging.INFO, logger="absl")
+  run(_config(steps=60, checkpoint_every=20, steps_per_loop=20),
+      str(tmp_path))
   data = tmp_path / "checkpoints" / "ckpt-60.data-00000-of-00001"
   data.write_bytes(data.read_bytes()[:100])  # truncated
-  result = run(_config(steps=80, checkpoint_every=20), str(tmp_path))
+  result = run(_config(steps=80, checkpoint_every=20, steps_per_loop=20),
+               str(tmp_path))
   assert "ckpt-60 is unreadable" in caplog.text
   assert "restored" in caplog.text and "(step 40)" in caplog.text
   assert result.steps == 80

@@ -24,10 +24,14 @@ class Checkpointer:
     model, optimizer, global_step: the state to save.
     is_chief: False on non-chief workers (they write to a scratch dir).
     max_to_keep: checkpoints kept on disk.
+    allow_partial: restore a checkpoint that lacks some of the model's
+      variables (a deliberately changed model) instead of refusing.
   """
 
   def __init__(self, directory: str, *, model, optimizer, global_step,
-               is_chief: bool = True, max_to_keep: int = 3):
+               is_chief: bool = True, max_to_keep: int = 3,
+               allow_partial: bool = False):
+    self.allow_partial = allow_partial
     self._scratch = None if is_chief else tempfile.mkdtemp(prefix="ckpt_")
     self.directory = directory if is_chief else self._scratch
     # Keras 3 models do not expose their variables to tf.train.Checkpoint
@@ -49,16 +53,24 @@ class Checkpointer:
     """
     for path in reversed(self.manager.checkpoints):
       try:
-        self.checkpoint.restore(path).assert_existing_objects_matched()
-      except ValueError as e:  # shapes or structure differ from the model
+        status = self.checkpoint.restore(path)
+      except ValueError as e:  # shapes differ from the model
         raise ConfigError(
             f"checkpoint {path} does not fit this model ({e}); use a new "
             "--workdir for a different model") from None
-      except (tf.errors.OpError, AssertionError, IndexError) as e:
+      except (tf.errors.OpError, IndexError) as e:
         logging.warning("checkpoint %s is unreadable (%s: %s); falling back "
                         "to the one before it", path, type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "")
         continue
+      try:
+        status.assert_existing_objects_matched()
+      except AssertionError as e:
+        message = str(e).splitlines()[0]
+        if not self.allow_partial:
+          raise ConfigError(f"checkpoint {path} does not fit this model "
+                            f"({message}); use a new --workdir") from None
+        logging.warning("checkpoint %s restored partially: %s", path, message)
       step = int(self.checkpoint.global_step.numpy())
       logging.info("restored %s (step %d)", path, step)
       return step

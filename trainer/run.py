@@ -75,11 +75,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
-                        allow_change: bool) -> None:
-  """Refuses to resume `workdir` with a config that changes the run."""
+                        allow_change: bool) -> dict | None:
+  """Refuses to resume `workdir` with a config that changes the run.
+
+  Returns the saved config, flattened to dotted keys, or None if new.
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    return
+    return None
   with open(path, encoding="utf-8") as f:
     saved = _flatten(json.load(f))
   new = _flatten(json.loads(json.dumps(config.to_dict(), default=list)))
@@ -88,12 +91,12 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
       if saved.get(k) != new.get(k) and any(
           k == d or k.startswith(d + ".") for d in RUN_DEFINING_KEYS))
   if not changed:
-    return
+    return saved
   detail = ", ".join(f"{k} {saved.get(k)!r} -> {new.get(k)!r}"
                      for k in changed)
   if allow_change:
     logging.warning("resuming %s with a changed config: %s", workdir, detail)
-    return
+    return saved
   raise ConfigError(
       f"workdir {workdir} holds a run with a different config ({detail}); "
       "use a new --workdir, or pass --allow_config_change to resume anyway")
@@ -164,8 +167,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   chief = trainer.is_chief
   if not chief:
     logging.set_verbosity(logging.WARNING)  # the chief reports progress
+  saved = None
   if workdir and not testing:
-    check_resume_config(workdir, config, allow_config_change)
+    saved = check_resume_config(workdir, config, allow_config_change)
   if workdir and chief:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w",
@@ -175,8 +179,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), model=model,
         optimizer=trainer.optimizer, global_step=trainer.global_step,
-        is_chief=chief, max_to_keep=config.train.max_checkpoints)
+        is_chief=chief, max_to_keep=config.train.max_checkpoints,
+        allow_partial=allow_config_change)
     checkpointer.restore_latest()
+    new_lr = float(config.optimizer.learning_rate)
+    if (saved and config.optimizer.schedule == "constant" and
+        saved.get("optimizer.learning_rate") != new_lr):
+      # The checkpoint holds the old rate; a changed config wins over it.
+      inner = getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer)
+      inner.learning_rate = new_lr
+      logging.info("learning rate set to %g from the config", new_lr)
     callbacks.append(CheckpointEvery(checkpointer,
                                      config.train.checkpoint_every))
 
