@@ -172,9 +172,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
     saved = check_resume_config(workdir, config, allow_config_change)
   if workdir and chief:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w",
-              encoding="utf-8") as f:
+    # Atomic: other workers may be reading the previous one to compare.
+    tmp = os.path.join(workdir, f".config.json.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
+    os.replace(tmp, os.path.join(workdir, "config.json"))
   if workdir and not testing:
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), model=model,
