@@ -28,7 +28,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/."
     " The same command on the same workdir resumes from the last checkpoint."
-    " Optional with --testing.")
+    " Optional with --testing (then it must not hold a run).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir even though the config "
     "changes the model, the data or the seed (refused by default).")

@@ -263,3 +263,16 @@ def test_stop_training_ends_the_run_after_the_current_loop(mirrored):
   trainer.fit(train, steps=30, steps_per_epoch=10, callbacks=[
       keras.callbacks.LambdaCallback(on_train_batch_end=stop)])
   assert int(trainer.global_step.numpy()) == 3
+
+
+def test_finite_data_ending_at_an_epoch_boundary_gets_no_empty_epoch(
+    mirrored):
+  x, y = _data(32)  # 4 global batches, then the data runs out
+  train = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+  epochs = []
+  trainer = _trainer(mirrored, steps_per_loop=2)
+  trainer.fit(train, steps=10, steps_per_epoch=2, callbacks=[
+      keras.callbacks.LambdaCallback(
+          on_epoch_end=lambda e, logs: epochs.append((e, logs["loss"])))])
+  assert int(trainer.global_step.numpy()) == 4
+  assert [e for e, _ in epochs] == [0, 1] and all(l > 0 for _, l in epochs)

@@ -145,3 +145,15 @@ def test_bad_config_file_is_one_line_and_exit_2(config_arg, message, tmp_path):
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and message in last
+
+
+def test_testing_mode_refuses_a_workdir_that_holds_a_run(tmp_path):
+  assert run_module("launch.train", "--config=configs/digits.py",
+                    f"--workdir={tmp_path}", "--config.train.steps=20"
+                    ).returncode == 0
+  before = (tmp_path / "metrics.jsonl").read_text()
+  proc = run_module("launch.train", "--config=configs/digits.py", "--testing",
+                    f"--workdir={tmp_path}")
+  assert proc.returncode == 2
+  assert "--testing would overwrite the run" in proc.stderr.splitlines()[-1]
+  assert (tmp_path / "metrics.jsonl").read_text() == before

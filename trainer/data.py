@@ -175,9 +175,9 @@ def input_fn(examples: tf.data.Dataset, *, global_batch_size: int,
   return dataset_fn
 
 
-def stream_positions(first_batch: tf.Tensor, per_replica: int,
+def stream_positions(batch_index: tf.Tensor, per_replica: int,
                      num_examples: int, seed: int) -> tf.Tensor:
-  """Example indices of per-replica batch `first_batch` of the stream.
+  """Example indices of per-replica batch `batch_index` of the stream.
 
   The training stream is epoch after epoch of the N examples, each epoch a
   permutation fixed by (seed, epoch). Global step k reads stream positions
@@ -185,7 +185,7 @@ def stream_positions(first_batch: tf.Tensor, per_replica: int,
   Random access: any batch is computed directly, without reading the ones
   before it. Returns int64 [per_replica].
   """
-  pos = first_batch * per_replica + tf.range(per_replica, dtype=tf.int64)
+  pos = batch_index * per_replica + tf.range(per_replica, dtype=tf.int64)
   epoch, index = pos // num_examples, pos % num_examples
   max_index = tf.fill(tf.shape(index), tf.constant(num_examples - 1,
                                                    tf.int64))

@@ -259,8 +259,9 @@ class Trainer:
       up to `steps_per_loop` steps on_train_batch_begin(batch) and
       on_train_batch_end(batch, logs) (`batch`: index within the epoch;
       logs: `loss` and metrics averaged over the epoch so far, plus
-      `loop_loss` (mean over this loop's examples), `examples_per_sec`, `step_time`, `grad_norm`, `learning_rate`,
-      `skipped_steps`, `loss_scale`); on_test_begin/on_test_end(eval_logs)
+      `loop_loss` (mean over this loop's examples), `examples_per_sec`,
+      `step_time`, `grad_norm`, `learning_rate`, `skipped_steps`,
+      `loss_scale`); on_test_begin/on_test_end(eval_logs)
       around each evaluation; on_epoch_end(epoch, logs) with `loss`,
       metrics, `learning_rate` and `val_loss`, `val_<metric>`; on_train_end.
     Setting `model.stop_training = True` ends the run after the current host
@@ -322,8 +323,9 @@ class Trainer:
         self._agree_on_decisions()
         if exhausted or self.model.stop_training or self.preempted:
           break
-      if self.preempted:
-        break  # mid-epoch: no epoch end; the resumed run finishes the epoch
+      if self.preempted or examples == 0:
+        break  # mid-epoch preemption (the resumed run finishes the epoch),
+        # or finite data that ran out exactly at the epoch boundary
       epoch_logs = {"loss": loss_sum / max(examples, 1),
                     **{m.name: float(m.result()) for m in self.train_metrics},
                     "learning_rate": self.learning_rate()}

@@ -167,6 +167,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   chief = trainer.is_chief
   if not chief:
     logging.set_verbosity(logging.WARNING)  # the chief reports progress
+  if testing and workdir and os.path.exists(
+      os.path.join(workdir, "config.json")):
+    raise ConfigError(
+        f"--testing would overwrite the run in {workdir} (its config.json "
+        "and metrics.jsonl); omit --workdir or give an empty one")
   saved = None
   if workdir and not testing:
     saved = check_resume_config(workdir, config, allow_config_change)
@@ -210,7 +215,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
                        eval_data=eval_fn, eval_every=config.train.eval_every,
                        callbacks=callbacks)
   except TrainingDiverged as e:
-    e.checkpoint = checkpointer.manager.latest_checkpoint if checkpointer else None
+    e.checkpoint = (checkpointer.manager.latest_checkpoint
+                    if checkpointer else None)
     raise
   finally:
     if threading.current_thread() is threading.main_thread():

@@ -49,7 +49,8 @@ def _check_tf_config() -> None:
   if not raw:
     raise ConfigError(
         "distribution.strategy=multi_worker needs a cluster: set TF_CONFIG "
-        "describing every worker (see BUILD.md, multi-worker)")
+        "describing every worker (BUILD.md, multi-worker), or try it on this "
+        "machine with `python -m launch.local --num_workers=N -- ...`")
   try:
     spec = json.loads(raw)
     workers = spec["cluster"]["worker"]
