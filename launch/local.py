@@ -7,7 +7,9 @@ Everything after `--` goes to `python -m launch.train` (or `--module`), with
 `--config.distribution.strategy=multi_worker` appended. Each worker's output
 lines are prefixed `[worker i]`. SIGINT and SIGTERM are forwarded to every
 worker. If a worker fails, the others are stopped and the launcher exits
-with status 1, naming the worker; it exits 0 when every worker succeeds.
+with status 1, naming the worker; it exits 0 when every worker succeeds, and
+75 when the workers were preempted (SIGTERM: they agreed on a step, saved a
+checkpoint and exited 75; rerun the same command to resume).
 """
 
 import json
@@ -30,6 +32,7 @@ _GRACE = flags.DEFINE_float(
     "to exit after SIGTERM before SIGKILL.")
 
 EXIT_WORKER_FAILED = 1
+EXIT_PREEMPTED = 75  # launch.train's status after a SIGTERM-triggered save
 
 
 def free_ports(n: int) -> list[int]:
@@ -105,13 +108,13 @@ class Workers:
     failed = None
     while failed is None and any(p.poll() is None for p in self.procs):
       for i, proc in enumerate(self.procs):
-        if proc.poll() not in (None, 0):
+        if proc.poll() not in (None, 0, EXIT_PREEMPTED):
           failed = i
           break
       time.sleep(0.1)
     if failed is None:  # all have exited; one may have failed last
-      failed = next((i for i, p in enumerate(self.procs) if p.returncode),
-                    None)
+      failed = next((i for i, p in enumerate(self.procs)
+                     if p.returncode not in (0, EXIT_PREEMPTED)), None)
     if failed is not None:
       code = self.procs[failed].returncode
       print(f"error: worker {failed} {describe_exit(code)}; stopping the "
@@ -119,7 +122,13 @@ class Workers:
       self.stop(grace)
     for pump in self.pumps:
       pump.join(timeout=5)
-    return EXIT_WORKER_FAILED if failed is not None else 0
+    if failed is not None:
+      return EXIT_WORKER_FAILED
+    if any(p.returncode == EXIT_PREEMPTED for p in self.procs):
+      print("preempted: the workers saved a checkpoint and stopped; run the "
+            "same command to resume", file=sys.stderr, flush=True)
+      return EXIT_PREEMPTED
+    return 0
 
 
 def main(argv: list[str]) -> None:

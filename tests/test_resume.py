@@ -17,8 +17,8 @@ import tensorflow as tf
 from configs import digits
 from conftest import ROOT, run_module
 from trainer import data as data_lib
-from trainer.callbacks import read_metrics
-from trainer.errors import ConfigError
+from trainer.callbacks import TrainerCallback, read_metrics
+from trainer.errors import ConfigError, TrainingDiverged
 from trainer.run import run
 
 
@@ -118,6 +118,37 @@ def test_sigterm_saves_within_one_loop_and_the_rerun_continues(tmp_path):
   assert read_metrics(tmp_path)[-1]["step"] == step + 40
 
 
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_worker_job_saves_on_both_and_the_rerun_continues(
+    tmp_path):
+  flags = ["--config=configs/digits.py", f"--workdir={tmp_path}",
+           "--config.train.steps_per_loop=20",
+           "--config.callbacks.progress_bar=False"]
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "launch.local", "--num_workers=2", "--", *flags,
+       "--config.train.steps=100000"], cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.monotonic() + 180
+  while time.monotonic() < deadline and proc.poll() is None and not (
+      metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 75, err[-3000:]
+  step = read_metrics(tmp_path)[-1]["step"]
+  assert f"[worker 0] preempted: stopped at step {step} on SIGTERM" in out
+  assert "error: worker" not in err and "preempted: the workers saved" in err
+  assert (tmp_path / "checkpoints" / f"ckpt-{step}.index").exists()
+  again = run_module("launch.local", "--num_workers=2", "--", *flags,
+                     f"--config.train.steps={step + 40}", timeout=240)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"(step {step})" in again.stderr
+  assert f"[worker 0] done: {step + 40} steps" in again.stdout
+
+
 def _config(**train):
   config = digits.get_config()
   config.callbacks.progress_bar = False
@@ -181,3 +212,76 @@ def test_nan_in_float32_stops_with_the_step_and_keeps_the_checkpoint(
   assert last.startswith("error: training diverged: the training loss is")
   assert "after global step" in last and "ckpt-40, is intact" in last
   assert {p: (ckpt / p).read_bytes() for p in os.listdir(ckpt)} == before
+
+
+class PoisonWeights(TrainerCallback):
+  """A fault: at the first `times` host-loop ends at or after global step
+  `step`, sets the output bias to NaN (as a bit flip in memory would; a NaN
+  before a relu would be silently zeroed)."""
+
+  def __init__(self, step: int, times: int):
+    super().__init__()
+    self.step, self.times = step, times
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.global_step >= self.step and self.times > 0:
+      self.times -= 1
+      bias = self.model.trainable_variables[-1]
+      bias.assign(bias * float("nan"))
+
+
+def _input_offset(workdir) -> int:
+  reader = tf.train.load_checkpoint(str(workdir / "checkpoints"))
+  return int(reader.get_tensor("input_offset/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def test_nan_recovery_restores_skips_the_bad_window_and_finishes(
+    tmp_path, caplog):
+  caplog.set_level(logging.INFO, logger="absl")
+  config = _config(steps=120, steps_per_loop=10, checkpoint_every=30,
+                   nan_recovery=2)
+  # Poisoned after step 50: the loop ending at 60 has a NaN loss; the latest
+  # checkpoint is step 30, so batches 30..59 are skipped.
+  result = run(config, str(tmp_path), callbacks=[PoisonWeights(50, times=1)])
+  assert "recovery 1 of 2: restored step 30 and skipping the 30 batches" in (
+      caplog.text)
+  assert result.steps == 120 and np.isfinite(result.logs["loss"])
+  assert result.logs["eval/accuracy"] > 0.8
+  assert _input_offset(tmp_path) == 30
+  train_steps = [r["step"] for r in read_metrics(tmp_path)
+                 if "train/loss" in r]
+  assert train_steps == list(range(10, 121, 10))  # the undone lines dropped
+  # A resumed run keeps the offset: step k still reads batch k + 30.
+  assert run(_config(steps=150, steps_per_loop=10, checkpoint_every=30,
+                     nan_recovery=2), str(tmp_path)).steps == 150
+  assert _input_offset(tmp_path) == 30
+
+
+def test_nan_recovery_gives_up_after_its_bound(tmp_path):
+  config = _config(steps=120, steps_per_loop=10, checkpoint_every=30,
+                   nan_recovery=2)
+  with pytest.raises(TrainingDiverged) as raised:
+    run(config, str(tmp_path), callbacks=[PoisonWeights(50, times=3)])
+  assert raised.value.step == 60
+  assert raised.value.checkpoint.endswith("ckpt-30")
+  assert _input_offset(tmp_path) == 0  # the checkpoint on disk is untouched
+
+
+def test_async_checkpoints_equal_sync_ones_and_resume(tmp_path, mirrored):
+  del mirrored  # the 2 logical CPUs: the async path under MirroredStrategy
+  saved = {}
+  for mode in ("sync", "async"):
+    config = _config(steps=60, steps_per_loop=20, checkpoint_every=20,
+                     async_checkpoint=mode == "async")
+    config.distribution.strategy = "mirrored"
+    config.distribution.num_cpu_devices = 2
+    run(config, str(tmp_path / mode))
+    assert sorted(os.listdir(tmp_path / mode / "checkpoints")) == sorted(
+        os.listdir(tmp_path / "sync" / "checkpoints"))
+    saved[mode] = _variables(tmp_path / mode / "checkpoints")
+  assert sorted(saved["async"]) == sorted(saved["sync"])
+  for name, value in saved["sync"].items():
+    if name != "_CHECKPOINTABLE_OBJECT_GRAPH":  # host copies' names differ
+      np.testing.assert_array_equal(saved["async"][name], value, err_msg=name)
+  config.train.steps = 80
+  assert run(config, str(tmp_path / "async")).steps == 80

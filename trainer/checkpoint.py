@@ -1,9 +1,17 @@
-"""tf.train checkpoints of the model, optimizer (loss scale included) and
-global step, in `WORKDIR/checkpoints/`.
+"""tf.train checkpoints of the model, optimizer (loss scale included), global
+step and input offset, in `WORKDIR/checkpoints/`.
 
 In multi-worker runs every worker saves (saving is a collective, DESIGN.md
 fact 11); only the chief writes to the workdir, the others to a scratch
-directory that is deleted afterwards.
+directory that is deleted afterwards. Every worker restores from the chief's
+directory (the workdir is on a filesystem all workers share), so all of them
+resume from the same step. Saves can be asynchronous: the
+variables are copied to host memory and written by a background thread while
+training goes on.
+
+The input position is not saved as an iterator (DESIGN.md fact 8): global
+step k reads the training stream at batch `k + input_offset`, where
+`input_offset` counts the batches skipped by NaN recovery (`recover`).
 """
 
 import shutil
@@ -11,39 +19,80 @@ import tempfile
 
 import tensorflow as tf
 from absl import logging
+from keras.src.backend.tensorflow import core as keras_tf_core
 
 from trainer.callbacks.base import TrainerCallback
 from trainer.errors import ConfigError, DataError
+
+
+def _copy_keras_variable_to_cpu(self, object_map):
+  """Keras 3's hook for async checkpoints, fixed to reuse its host copy.
+
+  Keras creates a new host `tf.Variable` on every async save, which fails
+  from the second save on ("tf.function only supports singleton
+  tf.Variables"); the host copy must be created once and then assigned.
+  """
+  self.value._copy_trackable_to_cpu(object_map)  # pylint: disable=protected-access
+  if self in object_map:
+    object_map[self].assign(object_map[self.value])
+  else:
+    object_map[self] = tf.Variable(object_map[self.value])
+
+
+def enable_keras_async_checkpoints() -> None:
+  """Patches Keras variables so async checkpoints can save more than once.
+
+  tests/test_resume.py pins it: async checkpoints equal synchronous ones.
+  """
+  keras_tf_core.Variable._copy_trackable_to_cpu = _copy_keras_variable_to_cpu  # pylint: disable=protected-access
 
 
 class Checkpointer:
   """Saves and restores one run's state.
 
   Args:
-    directory: where the chief keeps checkpoints.
+    directory: where the chief keeps checkpoints; every worker restores
+      from it.
     model, optimizer, global_step: the state to save.
     is_chief: False on non-chief workers (they write to a scratch dir).
     max_to_keep: checkpoints kept on disk.
     allow_partial: restore a checkpoint that lacks some of the model's
       variables (a deliberately changed model) instead of refusing.
+    async_save: write checkpoints in a background thread.
   """
 
   def __init__(self, directory: str, *, model, optimizer, global_step,
                is_chief: bool = True, max_to_keep: int = 3,
-               allow_partial: bool = False):
+               allow_partial: bool = False, async_save: bool = False):
     self.allow_partial = allow_partial
+    if async_save:
+      enable_keras_async_checkpoints()
+    self._options = tf.train.CheckpointOptions(
+        experimental_enable_async_checkpoint=async_save)
+    # Batches of the training stream skipped so far (by `recover`); int64.
+    self.input_offset = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                    name="input_offset")
     self._scratch = None if is_chief else tempfile.mkdtemp(prefix="ckpt_")
-    self.directory = directory if is_chief else self._scratch
+    self.directory = directory
     # Keras 3 models do not expose their variables to tf.train.Checkpoint
     # (only the optimizer's copies of the trainable ones get saved), so the
     # model's state is listed by variable path: weights, non-trainable
     # statistics (batch norm) and the dropout seed generators' state.
     self.checkpoint = tf.train.Checkpoint(
         model={v.path: v for v in model.variables}, optimizer=optimizer,
-        global_step=global_step)
-    self.manager = tf.train.CheckpointManager(
-        self.checkpoint, self.directory, max_to_keep=max_to_keep,
+        global_step=global_step, input_offset=self.input_offset)
+    self.manager = tf.train.CheckpointManager(  # saves: this worker's copy
+        self.checkpoint, self._scratch or directory, max_to_keep=max_to_keep,
         step_counter=global_step)
+
+  def checkpoints(self) -> list[str]:
+    """The chief's checkpoints, oldest first."""
+    state = tf.train.get_checkpoint_state(self.directory)
+    return list(state.all_model_checkpoint_paths) if state else []
+
+  def latest_checkpoint(self) -> str | None:
+    """The chief's newest checkpoint, or None."""
+    return (self.checkpoints() or [None])[-1]
 
   def restore_latest(self) -> int | None:
     """Restores the newest readable checkpoint; returns its step, or None.
@@ -51,7 +100,9 @@ class Checkpointer:
     A truncated or corrupt checkpoint is reported and the one before it is
     tried. A checkpoint that does not fit the model is a ConfigError.
     """
-    for path in reversed(self.manager.checkpoints):
+    self.checkpoint.sync()  # an async save in flight finishes first
+    paths = self.checkpoints()
+    for path in reversed(paths):
       try:
         status = self.checkpoint.restore(path)
       except ValueError as e:  # shapes differ from the model
@@ -74,19 +125,43 @@ class Checkpointer:
       step = int(self.checkpoint.global_step.numpy())
       logging.info("restored %s (step %d)", path, step)
       return step
-    if self.manager.checkpoints:
+    if paths:
       raise DataError(f"no checkpoint in {self.directory} can be read; "
                       "move the directory away to start from scratch")
     return None
+
+  @property
+  def input_position(self) -> int:
+    """The stream batch the next step reads: global step + input offset."""
+    return int(self.checkpoint.global_step.numpy()) + int(
+        self.input_offset.numpy())
+
+  def recover(self, diverged_step: int) -> int:
+    """Restores the latest checkpoint and skips the data that diverged.
+
+    The batches between the checkpoint and `diverged_step` are skipped, so
+    the retry does not feed the model the same window again (the remedy
+    PaLM used for loss spikes). Returns the restored step.
+
+    Raises:
+      DataError: there is no checkpoint to go back to.
+    """
+    restored = self.restore_latest()
+    if restored is None:
+      raise DataError("no checkpoint to recover from")
+    self.input_offset.assign_add(max(diverged_step - restored, 0))
+    return restored
 
   def save(self) -> str:
     step = int(self.checkpoint.global_step.numpy())
     if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(
         f"-{step}"):
       return self.manager.latest_checkpoint
-    return self.manager.save(checkpoint_number=step)
+    return self.manager.save(checkpoint_number=step, options=self._options)
 
   def close(self) -> None:
+    """Waits for an async save in flight; removes a worker's scratch dir."""
+    self.checkpoint.sync()
     if self._scratch:
       shutil.rmtree(self._scratch, ignore_errors=True)
 

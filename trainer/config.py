@@ -60,6 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0  # eval at every epoch end, and every N steps if > 0
   c.train.checkpoint_every = 1000  # 0 = only at the end
   c.train.max_checkpoints = 3
+  c.train.async_checkpoint = False  # write checkpoints in a background thread
+  c.train.nan_recovery = 0  # on a NaN loss: go back to the last checkpoint
+  # and skip the batches that led there, at most this many times (0 = stop)
   c.train.grad_accum_steps = 1
   c.train.jit_compile = False
   c.train.deterministic = False
@@ -126,6 +129,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _non_negative(config.optimizer.warmup_steps, "optimizer.warmup_steps")
   _non_negative(config.train.eval_every, "train.eval_every")
   _non_negative(config.train.checkpoint_every, "train.checkpoint_every")
+  _non_negative(config.train.nan_recovery, "train.nan_recovery")
   _non_negative(config.train.steps_per_epoch, "train.steps_per_epoch")
   _positive(config.optimizer.decay_factor, "optimizer.decay_factor", float)
   if config.optimizer.schedule == "step" and not config.optimizer.decay_steps:

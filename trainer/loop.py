@@ -222,6 +222,12 @@ class Trainer:
     out = self.strategy.run(replica_fn)
     return self.strategy.experimental_local_results(out)[0]
 
+  def barrier(self) -> None:
+    """Returns when every worker has called it (a no-op on one host)."""
+    if self.num_workers > 1:
+      zero = tf.constant(0.0)
+      self._agree(zero, zero, zero)
+
   def _agree_on_decisions(self) -> None:
     """Makes callback decisions the same on every worker (multi-worker only).
 

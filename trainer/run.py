@@ -187,7 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
         os.path.join(workdir, "checkpoints"), model=model,
         optimizer=trainer.optimizer, global_step=trainer.global_step,
         is_chief=chief, max_to_keep=config.train.max_checkpoints,
-        allow_partial=allow_config_change)
+        allow_partial=allow_config_change,
+        async_save=config.train.async_checkpoint)
     checkpointer.restore_latest()
     new_lr = float(config.optimizer.learning_rate)
     if (saved and config.optimizer.schedule == "constant" and
@@ -199,25 +200,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
     callbacks.append(CheckpointEvery(checkpointer,
                                      config.train.checkpoint_every))
 
-  # The input position is derived from the (restored) global step.
-  train_fn = data_lib.train_input_fn(
-      source, global_batch_size=config.data.global_batch_size,
-      seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
-      start_step=int(trainer.global_step.numpy()))
   start = time.perf_counter()
   previous_handler = signal.getsignal(signal.SIGTERM)
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGTERM,
                   lambda *_: trainer.request_preemption())
   try:
-    logs = trainer.fit(train_fn, steps=config.train.steps,
-                       steps_per_epoch=steps_per_epoch(config, source.info),
-                       eval_data=eval_fn, eval_every=config.train.eval_every,
-                       callbacks=callbacks)
-  except TrainingDiverged as e:
-    e.checkpoint = (checkpointer.manager.latest_checkpoint
-                    if checkpointer else None)
-    raise
+    logs = _fit_with_recovery(trainer, config, source, eval_fn, callbacks,
+                              checkpointer)
   finally:
     if threading.current_thread() is threading.main_thread():
       signal.signal(signal.SIGTERM, previous_handler)
@@ -227,3 +217,46 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   return RunResult(logs=logs, steps=int(trainer.global_step.numpy()),
                    seconds=time.perf_counter() - start, device=device,
                    is_chief=chief, preempted=trainer.preempted)
+
+
+def _fit_with_recovery(trainer: Trainer, config: ml_collections.ConfigDict,
+                       source: data_lib.Source, eval_fn, callbacks,
+                       checkpointer: Checkpointer | None) -> dict:
+  """`trainer.fit` from the restored step; on a NaN loss, maybe recover.
+
+  With `train.nan_recovery=N`, a diverged run goes back to its latest
+  checkpoint and skips the batches that led to the NaN, at most N times;
+  after that (or with no checkpoint) TrainingDiverged propagates. Every
+  worker sees the same global loss, so all of them recover together.
+  """
+  recoveries = 0
+  while True:
+    # The input position is derived from the (restored) step: no iterator
+    # state is saved (DESIGN.md fact 8).
+    position = (checkpointer.input_position if checkpointer
+                else int(trainer.global_step.numpy()))
+    train_fn = data_lib.train_input_fn(
+        source, global_batch_size=config.data.global_batch_size,
+        seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
+        start_step=position)
+    try:
+      return trainer.fit(
+          train_fn, steps=config.train.steps,
+          steps_per_epoch=steps_per_epoch(config, source.info),
+          eval_data=eval_fn, eval_every=config.train.eval_every,
+          callbacks=callbacks)
+    except TrainingDiverged as e:
+      if checkpointer and recoveries < config.train.nan_recovery:
+        checkpointer.checkpoint.sync()  # this worker's async save, if any
+        trainer.barrier()  # ... and every other worker's
+      latest = checkpointer.latest_checkpoint() if checkpointer else None
+      if recoveries >= config.train.nan_recovery or latest is None:
+        e.checkpoint = latest
+        raise
+      recoveries += 1
+      restored = checkpointer.recover(e.step)
+      logging.warning(
+          "training diverged (%s); recovery %d of %d: restored step %d and "
+          "skipping the %d batches that led there (input offset now %d)",
+          e, recoveries, config.train.nan_recovery, restored,
+          e.step - restored, int(checkpointer.input_offset.numpy()))
