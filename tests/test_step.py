@@ -134,3 +134,62 @@ def test_overflow_on_one_replica_skips_the_step_everywhere(mirrored, policy):
   for var in model.trainable_variables:
     values = mirrored.experimental_local_results(var.value)
     np.testing.assert_array_equal(values[0].numpy(), values[1].numpy())
+
+
+@pytest.mark.parametrize("num_examples", [64, 56])  # last batch full / 24
+def test_gradient_accumulation_equals_the_large_batch_on_two_replicas(
+    mirrored, num_examples):
+  """4 micro-batches of 4 per replica give the update of one 32 batch,
+  including a partial last batch; metrics see every example once."""
+  x, y = _examples(num_examples)
+  runs = []
+  for accum in (1, 4):
+    model = _model(mirrored)
+    # SGD: an update proportional to the gradient (Adam would hide a
+    # wrongly scaled one).
+    trainer = Trainer(model=model, optimizer=keras.optimizers.SGD(0.5),
+                      loss=LOSS, strategy=mirrored, steps_per_loop=2,
+                      grad_accum_steps=accum,
+                      metrics=[keras.metrics.SparseCategoricalAccuracy()])
+    logs = trainer.fit(_finite_input(x, y, 32), steps=10)
+    runs.append((model.get_weights(), logs))
+  (large, large_logs), (accumulated, accumulated_logs) = runs
+  for a, b in zip(large, accumulated):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert max(np.abs(a - b).max() for a, b in
+             zip(_model(mirrored).get_weights(), accumulated)) > 1e-2
+  for key in ("loss", "sparse_categorical_accuracy", "examples"):
+    assert accumulated_logs[key] == pytest.approx(large_logs[key], rel=1e-6)
+
+
+def test_gradient_accumulation_must_divide_the_replica_batch(tmp_path):
+  from configs import digits  # pylint: disable=import-outside-toplevel
+  from trainer.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from trainer.run import run  # pylint: disable=import-outside-toplevel
+  config = digits.get_config()
+  config.train.grad_accum_steps = 5
+  with pytest.raises(ConfigError, match="64 cannot be shared evenly by 5 "
+                     "replicas x train.grad_accum_steps"):
+    run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("policy_name", ["float32", "mixed_float16"])
+def test_xla_step_matches_the_plain_step_on_two_replicas(
+    mirrored, policy, policy_name):
+  """jit_compile with 2 replicas, gradient accumulation and each policy the
+  trainer supports trains like the plain step (XLA fuses differently, so
+  equal to float rounding, not bits)."""
+  policy(policy_name)
+  x, y = _examples(64)
+  weights = []
+  for jit in (False, True):
+    model = _model(mirrored)
+    trainer = Trainer(model=model, optimizer=keras.optimizers.SGD(0.5),
+                      loss=LOSS, strategy=mirrored, steps_per_loop=2,
+                      grad_accum_steps=2, jit_compile=jit)
+    trainer.fit(_finite_input(x, y, 32), steps=2)
+    weights.append(model.get_weights())
+  tolerance = 1e-5 if policy_name == "float32" else 2e-3
+  for a, b in zip(*weights):
+    np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)

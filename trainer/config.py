@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.width = 128  # hidden units (mlp) or base filters (cnn, resnet)
   c.model.depth = 2  # hidden layers (mlp) or blocks per stage (resnet)
   c.model.dropout = 0.0
+  c.model.sync_batch_norm = False  # resnet, resnet50: cross-replica batch norm
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"
@@ -63,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.async_checkpoint = False  # write checkpoints in a background thread
   c.train.nan_recovery = 0  # on a NaN loss: go back to the last checkpoint
   # and skip the batches that led there, at most this many times (0 = stop)
+  # micro-batches per replica batch, run in turn: one update per global
+  # batch with 1/k of the activation memory (data.global_batch_size stays
+  # the examples per update)
   c.train.grad_accum_steps = 1
   c.train.jit_compile = False
   c.train.deterministic = False
@@ -144,6 +148,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if len(profile) != 2 or not 0 <= profile[0] <= profile[1]:
     raise ConfigError("callbacks.profile_steps must be (first, stop) with "
                       f"0 <= first <= stop, got {profile!r}")
-  if config.train.grad_accum_steps != 1:
-    raise ConfigError("train.grad_accum_steps > 1 is not supported yet; "
-                      "set it to 1")

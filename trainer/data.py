@@ -244,9 +244,11 @@ def train_input_fn(source: Source, *, global_batch_size: int, seed: int,
                   start_step=start_step)
 
 
-def check_batch_size(global_batch_size: int, num_replicas: int,
-                     key: str = "data.global_batch_size") -> None:
-  if global_batch_size % num_replicas:
+def check_batch_size(global_batch_size: int, num_parts: int,
+                     key: str = "data.global_batch_size",
+                     parts: str = "replicas") -> None:
+  """Refuses a batch that `num_parts` replicas (or micro-batches) cannot share."""
+  if global_batch_size % num_parts:
     raise ConfigError(
         f"{key}={global_batch_size} cannot be shared evenly by "
-        f"{num_replicas} replicas; use a multiple of {num_replicas}")
+        f"{num_parts} {parts}; use a multiple of {num_parts}")

@@ -58,6 +58,9 @@ class Trainer:
     steps_per_loop: train steps per `tf.function` call.
     global_clipnorm: clip the all-reduced gradient to this norm (0 = off).
     jit_compile: XLA-compile each replica's forward and backward pass.
+    grad_accum_steps: split each replica's batch into this many micro-batches
+      run one after another, one update per global batch (gradient
+      accumulation: the same update with 1/k of the activation memory).
   """
 
   def __init__(self, *, model: keras.Model, optimizer, loss=None,
@@ -65,7 +68,7 @@ class Trainer:
                metrics: Sequence[keras.metrics.Metric] = (),
                strategy: tf.distribute.Strategy | None = None,
                steps_per_loop: int = 1, global_clipnorm: float = 0.0,
-               jit_compile: bool = False):
+               jit_compile: bool = False, grad_accum_steps: int = 1):
     if (loss is None) == (compute_loss is None):
       raise ValueError("pass exactly one of `loss` and `compute_loss`")
     if steps_per_loop < 1:
@@ -88,7 +91,8 @@ class Trainer:
                           compute_loss=self._compute_loss,
                           strategy=self.strategy, metrics=self.train_metrics,
                           global_clipnorm=global_clipnorm,
-                          jit_compile=jit_compile)
+                          jit_compile=jit_compile,
+                          accum_steps=grad_accum_steps)
     self.is_chief = is_chief(self.strategy)
     self.num_workers = num_workers(self.strategy)
     self._train_loop = tf.function(self._train_loop_fn)

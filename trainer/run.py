@@ -131,7 +131,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   strategy = strategy_lib.build_strategy(config.distribution.strategy,
                                          config.distribution.num_cpu_devices)
   n = strategy.num_replicas_in_sync
-  data_lib.check_batch_size(config.data.global_batch_size, n)
+  data_lib.check_batch_size(config.data.global_batch_size,
+                            n * config.train.grad_accum_steps,
+                            parts="replicas x train.grad_accum_steps micro-"
+                            "batches" if config.train.grad_accum_steps > 1
+                            else "replicas")
   data_lib.check_batch_size(config.data.eval_batch_size, n,
                             "data.eval_batch_size")
   precision.set_policy(config.precision.policy)
@@ -159,7 +163,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
       strategy=strategy, steps_per_loop=config.train.steps_per_loop,
       global_clipnorm=config.optimizer.global_clipnorm,
-      jit_compile=config.train.jit_compile)
+      jit_compile=config.train.jit_compile,
+      grad_accum_steps=config.train.grad_accum_steps)
 
   callbacks = [*callbacks, *callbacks_lib.build_callbacks(
       config, workdir, testing=testing)]

@@ -12,6 +12,11 @@ Per step, in order:
      step everywhere, fact 2) and clips to `global_clipnorm` (fact 3);
   4. in cross-replica context the update is applied, or skipped and the
      loss scale halved; the int64 global step advances either way (fact 7).
+
+With `accum_steps=k` (gradient accumulation, DESIGN.md fact 4), step 1 runs
+over k micro-batches of each replica's batch in turn, summing their
+gradients; everything after it is unchanged, so a step is one update on the
+whole global batch, with 1/k of the activation memory.
 """
 
 from typing import Callable, NamedTuple
@@ -69,11 +74,17 @@ class TrainStep:
     metrics: Keras metrics created under the scope, updated with (y, y_pred).
     global_clipnorm: clip the reduced gradient to this global norm (0 = off).
     jit_compile: XLA-compile the per-replica forward and backward pass.
+    accum_steps: micro-batches per replica batch (gradient accumulation);
+      must divide the per-replica batch size.
   """
 
   def __init__(self, *, model, optimizer, compute_loss: ComputeLoss,
                strategy: tf.distribute.Strategy, metrics=(),
-               global_clipnorm: float = 0.0, jit_compile: bool = False):
+               global_clipnorm: float = 0.0, jit_compile: bool = False,
+               accum_steps: int = 1):
+    if accum_steps < 1:
+      raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    self.accum_steps = int(accum_steps)
     self.model = model
     self.optimizer = optimizer
     self.strategy = strategy
@@ -119,7 +130,8 @@ class TrainStep:
       loss = loss_sum / global_count
       if self.model.losses:  # regularizers: identical on every replica
         loss += tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses]
-                        ) / self.strategy.num_replicas_in_sync
+                        ) / (self.strategy.num_replicas_in_sync *
+                             self.accum_steps)
       if self.loss_scaled:
         loss = self.optimizer.scale_loss(loss)
     grads = tape.gradient(loss, variables)
@@ -127,10 +139,49 @@ class TrainStep:
              for g, v in zip(grads, variables)]
     return grads, loss_sum, tf.cast(tf.size(per_example), tf.float32), y_pred
 
+  def _update_metrics(self, batch, y_pred) -> None:
+    _, y, sample_weight = unpack_batch(batch)
+    for metric in self.metrics:
+      metric.update_state(y, tf.cast(y_pred, tf.float32), sample_weight)
+
+  def _micro_batch(self, batch, i: tf.Tensor):
+    """Micro-batch i of `accum_steps` of this replica's batch.
+
+    Full batches are reshaped to [k, b/k, ...] so every micro-batch keeps a
+    static shape (XLA, fewer retraces); a partial batch is sliced.
+    """
+    k = self.accum_steps
+    size = tf.nest.flatten(batch)[0].shape[0]
+    if size is not None and size % k == 0:
+      return tf.nest.map_structure(
+          lambda t: tf.reshape(t, [k, size // k, *t.shape[1:]])[i], batch)
+    n = tf.shape(tf.nest.flatten(batch)[0])[0]
+    micro = (n + k - 1) // k
+    return tf.nest.map_structure(lambda t: t[i * micro:(i + 1) * micro],
+                                 batch)
+
+  def _accumulated_grads(self, batch, global_count):
+    """Sums gradients over `accum_steps` micro-batches, one after another."""
+    grads = [tf.zeros_like(v) for v in self.model.trainable_variables]
+    loss_sum, count = tf.constant(0.0), tf.constant(0.0)
+    for i in tf.range(self.accum_steps):
+      part = self._micro_batch(batch, i)
+      part_grads, part_loss, part_count, y_pred = self._local_grads(
+          part, global_count)
+      grads = [g + tf.cast(p, g.dtype) for g, p in zip(grads, part_grads)]
+      loss_sum += part_loss
+      count += part_count
+      self._update_metrics(part, y_pred)
+    return grads, loss_sum, count
+
   def replica_step(self, batch) -> ReplicaOutput:
     """Runs in replica context: gradients, one all-reduce, unscale, clip."""
-    grads, loss_sum, count, y_pred = self._local_grads(
-        batch, self._global_count(batch))
+    global_count = self._global_count(batch)
+    if self.accum_steps == 1:
+      grads, loss_sum, count, y_pred = self._local_grads(batch, global_count)
+      self._update_metrics(batch, y_pred)
+    else:
+      grads, loss_sum, count = self._accumulated_grads(batch, global_count)
     ctx = tf.distribute.get_replica_context()
     reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
                              grads + [loss_sum, count])
@@ -145,9 +196,6 @@ class TrainStep:
     if self.global_clipnorm > 0:
       grads, _ = tf.clip_by_global_norm(grads, self.global_clipnorm,
                                         use_norm=grad_norm)
-    _, y, sample_weight = unpack_batch(batch)
-    for metric in self.metrics:
-      metric.update_state(y, tf.cast(y_pred, tf.float32), sample_weight)
     return ReplicaOutput(grads, finite, grad_norm, loss_sum, count)
 
   def _apply(self, grads) -> None:
