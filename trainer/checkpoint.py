@@ -59,11 +59,13 @@ class Checkpointer:
     allow_partial: restore a checkpoint that lacks some of the model's
       variables (a deliberately changed model) instead of refusing.
     async_save: write checkpoints in a background thread.
+    extra: more named state to save, e.g. {"pruning_masks": {path: mask}}.
   """
 
   def __init__(self, directory: str, *, model, optimizer, global_step,
                is_chief: bool = True, max_to_keep: int = 3,
-               allow_partial: bool = False, async_save: bool = False):
+               allow_partial: bool = False, async_save: bool = False,
+               extra: dict | None = None):
     self.allow_partial = allow_partial
     if async_save:
       enable_keras_async_checkpoints()
@@ -80,7 +82,8 @@ class Checkpointer:
     # statistics (batch norm) and the dropout seed generators' state.
     self.checkpoint = tf.train.Checkpoint(
         model={v.path: v for v in model.variables}, optimizer=optimizer,
-        global_step=global_step, input_offset=self.input_offset)
+        global_step=global_step, input_offset=self.input_offset,
+        **(extra or {}))
     self.manager = tf.train.CheckpointManager(  # saves: this worker's copy
         self.checkpoint, self._scratch or directory, max_to_keep=max_to_keep,
         step_counter=global_step)

@@ -71,6 +71,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.jit_compile = False
   c.train.deterministic = False
 
+  c.pruning = ml_collections.ConfigDict()  # magnitude pruning (trainer/pruning.py)
+  c.pruning.target_sparsity = 0.0  # 0 = off; else the fraction of each kernel zeroed
+  c.pruning.initial_sparsity = 0.0
+  c.pruning.begin_step = 0
+  c.pruning.end_step = 0  # 0 = three quarters of train.steps
+  c.pruning.frequency = 100  # steps between mask updates
+  c.pruning.power = 3.0  # polynomial decay exponent of the sparsity schedule
+  c.pruning.exclude = "^logits$"  # regex of layer names left dense
+
   c.distribution = ml_collections.ConfigDict()
   c.distribution.strategy = "auto"
   c.distribution.num_cpu_devices = 1  # split the host CPU into N logical devices

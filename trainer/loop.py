@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from trainer import precision
+from trainer.pruning import Pruner, PruningSchedule
 from trainer.errors import TrainingDiverged
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
 from trainer.strategy import is_chief, num_workers
@@ -61,6 +62,8 @@ class Trainer:
     grad_accum_steps: split each replica's batch into this many micro-batches
       run one after another, one update per global batch (gradient
       accumulation: the same update with 1/k of the activation memory).
+    pruning: magnitude pruning of the model's kernels on this schedule
+      (`trainer.pruner` holds the masks; logs gain `sparsity`).
   """
 
   def __init__(self, *, model: keras.Model, optimizer, loss=None,
@@ -68,7 +71,8 @@ class Trainer:
                metrics: Sequence[keras.metrics.Metric] = (),
                strategy: tf.distribute.Strategy | None = None,
                steps_per_loop: int = 1, global_clipnorm: float = 0.0,
-               jit_compile: bool = False, grad_accum_steps: int = 1):
+               jit_compile: bool = False, grad_accum_steps: int = 1,
+               pruning: PruningSchedule | None = None):
     if (loss is None) == (compute_loss is None):
       raise ValueError("pass exactly one of `loss` and `compute_loss`")
     if steps_per_loop < 1:
@@ -87,12 +91,14 @@ class Trainer:
       self.train_metrics = [_clone_metric(m) for m in metrics]
       self.eval_metrics = [_clone_metric(m) for m in metrics]
       self._eval_loss = keras.metrics.Mean(name="loss")
+      self.pruner = Pruner(model, pruning) if pruning else None
     self.step = TrainStep(model=model, optimizer=self.optimizer,
                           compute_loss=self._compute_loss,
                           strategy=self.strategy, metrics=self.train_metrics,
                           global_clipnorm=global_clipnorm,
                           jit_compile=jit_compile,
-                          accum_steps=grad_accum_steps)
+                          accum_steps=grad_accum_steps,
+                          after_update=self.pruner and self.pruner.after_update)
     self.is_chief = is_chief(self.strategy)
     self.num_workers = num_workers(self.strategy)
     self._train_loop = tf.function(self._train_loop_fn)
@@ -169,6 +175,8 @@ class Trainer:
       logs[metric.name] = float(metric.result())
     if self.step.loss_scale is not None:
       logs["loss_scale"] = float(self.step.loss_scale.numpy())
+    if self.pruner is not None:
+      logs["sparsity"] = self.pruner.sparsity()
     return logs
 
   def learning_rate(self) -> float:

@@ -23,7 +23,8 @@ from absl import logging
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import data as data_lib
-from trainer import models, optimizers, precision, strategy as strategy_lib
+from trainer import models, optimizers, precision, pruning
+from trainer import strategy as strategy_lib
 from trainer.checkpoint import CheckpointEvery, Checkpointer
 from trainer.errors import ConfigError, TrainingDiverged
 from trainer.loop import Trainer
@@ -58,7 +59,8 @@ def testing_config(config: ml_collections.ConfigDict
 
 
 # Config keys whose change makes a checkpoint mean something else.
-RUN_DEFINING_KEYS = ("seed", "model", "data.name", "data.global_batch_size",
+RUN_DEFINING_KEYS = ("seed", "model", "pruning", "data.name",
+                     "data.global_batch_size",
                      "data.image_size", "data.train_split",
                      "data.synthetic_shape", "data.synthetic_examples",
                      "data.num_classes")
@@ -164,7 +166,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
       strategy=strategy, steps_per_loop=config.train.steps_per_loop,
       global_clipnorm=config.optimizer.global_clipnorm,
       jit_compile=config.train.jit_compile,
-      grad_accum_steps=config.train.grad_accum_steps)
+      grad_accum_steps=config.train.grad_accum_steps,
+      pruning=pruning.schedule_from_config(config.pruning, config.train.steps))
 
   callbacks = [*callbacks, *callbacks_lib.build_callbacks(
       config, workdir, testing=testing)]
@@ -193,7 +196,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
         optimizer=trainer.optimizer, global_step=trainer.global_step,
         is_chief=chief, max_to_keep=config.train.max_checkpoints,
         allow_partial=allow_config_change,
-        async_save=config.train.async_checkpoint)
+        async_save=config.train.async_checkpoint,
+        extra={"pruning_masks": dict(trainer.pruner.masks)}
+        if trainer.pruner else None)
     checkpointer.restore_latest()
     new_lr = float(config.optimizer.learning_rate)
     if (saved and config.optimizer.schedule == "constant" and

@@ -76,15 +76,19 @@ class TrainStep:
     jit_compile: XLA-compile the per-replica forward and backward pass.
     accum_steps: micro-batches per replica batch (gradient accumulation);
       must divide the per-replica batch size.
+    after_update: called in cross-replica context with the new int64 global
+      step after every step, applied or skipped (e.g. `Pruner.after_update`).
   """
 
   def __init__(self, *, model, optimizer, compute_loss: ComputeLoss,
                strategy: tf.distribute.Strategy, metrics=(),
                global_clipnorm: float = 0.0, jit_compile: bool = False,
-               accum_steps: int = 1):
+               accum_steps: int = 1,
+               after_update: Callable[[tf.Tensor], None] | None = None):
     if accum_steps < 1:
       raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     self.accum_steps = int(accum_steps)
+    self._after_update = after_update
     self.model = model
     self.optimizer = optimizer
     self.strategy = strategy
@@ -239,7 +243,9 @@ class TrainStep:
       tf.cond(finite, apply_and_grow, skip)
     else:
       self._apply(out.grads)
-    self.global_step.assign_add(1)
+    step = self.global_step.assign_add(1)
+    if self._after_update is not None:
+      self._after_update(step)
     return {"loss_sum": first(out.loss_sum), "count": first(out.count),
             "grad_norm": first(out.grad_norm),
             "finite": tf.cast(finite, tf.float32)}
