@@ -285,3 +285,12 @@ def test_async_checkpoints_equal_sync_ones_and_resume(tmp_path, mirrored):
       np.testing.assert_array_equal(saved["async"][name], value, err_msg=name)
   config.train.steps = 80
   assert run(config, str(tmp_path / "async")).steps == 80
+
+
+def test_a_run_saved_before_a_new_config_key_existed_still_resumes(tmp_path):
+  run(_config(steps=20), str(tmp_path))
+  path = tmp_path / "config.json"
+  saved = json.loads(path.read_text())
+  del saved["model"]["sync_batch_norm"]  # as written by an older version
+  path.write_text(json.dumps(saved))
+  assert run(_config(steps=40), str(tmp_path)).steps == 40

@@ -4,11 +4,13 @@ Public API:
   build_strategy, configure_cpu_devices   trainer.strategy
   set_policy                              trainer.precision
   Trainer                                 trainer.loop
+  layers (DenseLayer, ParametricSwish...) trainer.layers
   input_fn, load_source                   trainer.data
   run                                     trainer.run (config -> trained run)
   UserError, ConfigError, DataError       trainer.errors
 """
 
+from trainer import layers
 from trainer.data import input_fn, load_source
 from trainer.errors import ConfigError, DataError, UserError
 from trainer.loop import Trainer
@@ -17,4 +19,4 @@ from trainer.strategy import build_strategy, configure_cpu_devices
 
 __all__ = ["ConfigError", "DataError", "Trainer", "UserError",
            "build_strategy", "configure_cpu_devices", "input_fn",
-           "load_source", "set_policy"]
+           "layers", "load_source", "set_policy"]

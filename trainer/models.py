@@ -10,6 +10,7 @@ from typing import Callable
 import keras
 import ml_collections
 
+from trainer import layers
 from trainer.data import DataInfo
 from trainer.errors import ConfigError
 
@@ -19,11 +20,15 @@ def _logits(x, num_classes):
 
 
 def mlp(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
-  """Flatten, `depth` x Dense(`width`, relu), logits."""
+  """Flatten, `depth` x DenseLayer(`width`, relu), logits.
+
+  The hidden layers are `trainer.layers.DenseLayer`, numerically the same as
+  `keras.layers.Dense` (same initializers, ops and variable paths).
+  """
   inputs = keras.Input(info.input_shape)
   x = keras.layers.Flatten()(inputs)
   for i in range(cfg.depth):
-    x = keras.layers.Dense(cfg.width, activation="relu", name=f"dense_{i}")(x)
+    x = layers.DenseLayer(cfg.width, activation="relu", name=f"dense_{i}")(x)
     if cfg.dropout:
       x = keras.layers.Dropout(cfg.dropout)(x)
   return keras.Model(inputs, _logits(x, info.num_classes), name="mlp")
@@ -46,41 +51,50 @@ def cnn(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
   return keras.Model(inputs, _logits(x, info.num_classes), name="cnn")
 
 
-def _residual_block(x, filters, stride, name):
+def _bn(sync_bn, name=None):
+  return layers.batch_normalization(synchronized=sync_bn, name=name)
+
+
+def _residual_block(x, filters, stride, name, sync_bn):
   shortcut = x
   y = keras.layers.Conv2D(filters, 3, stride, padding="same", use_bias=False,
                           name=f"{name}_conv1")(x)
-  y = keras.layers.BatchNormalization(name=f"{name}_bn1")(y)
+  y = _bn(sync_bn, f"{name}_bn1")(y)
   y = keras.layers.ReLU()(y)
   y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
                           name=f"{name}_conv2")(y)
-  y = keras.layers.BatchNormalization(name=f"{name}_bn2")(y)
+  y = _bn(sync_bn, f"{name}_bn2")(y)
   if stride != 1 or shortcut.shape[-1] != filters:
     shortcut = keras.layers.Conv2D(filters, 1, stride, use_bias=False,
                                    name=f"{name}_proj")(shortcut)
-    shortcut = keras.layers.BatchNormalization(name=f"{name}_bn_proj")(
-        shortcut)
+    shortcut = _bn(sync_bn, f"{name}_bn_proj")(shortcut)
   return keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
 
 
 def resnet(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
   """CIFAR-style ResNet (He et al. 2016): 3 stages of `depth` basic blocks
-  with `width`, 2*`width`, 4*`width` filters; depth=3 is ResNet-20."""
+  with `width`, 2*`width`, 4*`width` filters; depth=3 is ResNet-20.
+
+  `sync_batch_norm`: every BatchNormalization layer is cross-replica.
+  """
   inputs = keras.Input(info.input_shape)
   x = keras.layers.Conv2D(cfg.width, 3, padding="same", use_bias=False)(inputs)
-  x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+  x = keras.layers.ReLU()(_bn(cfg.sync_batch_norm)(x))
   for stage in range(3):
     for block in range(cfg.depth):
       stride = 2 if stage > 0 and block == 0 else 1
       x = _residual_block(x, cfg.width * 2**stage, stride,
-                          f"stage{stage}_block{block}")
+                          f"stage{stage}_block{block}", cfg.sync_batch_norm)
   x = keras.layers.GlobalAveragePooling2D()(x)
   return keras.Model(inputs, _logits(x, info.num_classes), name="resnet")
 
 
 def resnet50(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
-  """Keras' ResNet-50 backbone (random init) with a float32 logits head."""
-  del cfg
+  """Keras' ResNet-50 backbone (random init) with a float32 logits head.
+
+  `sync_batch_norm`: the backbone is cloned with every BatchNormalization
+  layer cross-replica (same layer names, fresh random weights).
+  """
   if min(info.input_shape[:2]) < 32:
     raise ConfigError(f"resnet50 needs images of at least 32x32, got "
                       f"{info.input_shape}; set --config.data.image_size=32 "
@@ -88,6 +102,8 @@ def resnet50(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
   backbone = keras.applications.ResNet50(
       include_top=False, weights=None, input_shape=info.input_shape,
       pooling="avg")
+  if cfg.sync_batch_norm:
+    backbone = layers.synchronize_batch_norm(backbone)
   return keras.Model(backbone.input,
                      _logits(backbone.output, info.num_classes),
                      name="resnet50")

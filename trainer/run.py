@@ -85,9 +85,12 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return None
+  as_json = lambda c: _flatten(json.loads(json.dumps(c.to_dict(),
+                                                    default=list)))
   with open(path, encoding="utf-8") as f:
-    saved = _flatten(json.load(f))
-  new = _flatten(json.loads(json.dumps(config.to_dict(), default=list)))
+    # A key added to the framework after the run started has its default.
+    saved = {**as_json(config_lib.default_config()), **_flatten(json.load(f))}
+  new = as_json(config)
   changed = sorted(
       k for k in set(saved) | set(new)
       if saved.get(k) != new.get(k) and any(
