@@ -131,15 +131,16 @@ class Trainer:
       count = tf.constant(0.0)
       grad_norm = tf.constant(0.0)
       skipped = tf.constant(0.0)
-      for _ in tf.range(num_steps):
+      for i in tf.range(num_steps):
         optional = iterator.get_next_as_optional()
         if not optional.has_value():
           break
-        out = self.step(optional.get_value())
+        last = tf.equal(i, num_steps - 1)  # the norm is logged for it only
+        out = self.step(optional.get_value(), want_norm=last)
         steps += 1
         loss_sum += out["loss_sum"]
         count += out["count"]
-        grad_norm = out["grad_norm"]
+        grad_norm = tf.where(last, out["grad_norm"], grad_norm)
         skipped += 1.0 - out["finite"]
     return {"steps": steps, "loss_sum": loss_sum, "count": count,
             "grad_norm": grad_norm, "skipped": skipped}
@@ -151,7 +152,8 @@ class Trainer:
     Returns the logs of this call (Python floats): `loss` (mean per-example
     loss over the examples seen), each train metric (accumulated since the
     last reset), `steps`, `examples`, `loss_sum`, `examples_per_sec`,
-    `step_time` (seconds), `grad_norm` (last step), `skipped_steps`,
+    `step_time` (seconds), `grad_norm` (of the last step; 0 if the data ran
+    out before it), `skipped_steps`,
     `learning_rate`, and `loss_scale` under mixed_float16. Every value is
     global: reduced over replicas and workers.
     """

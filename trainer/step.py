@@ -178,25 +178,34 @@ class TrainStep:
       self._update_metrics(part, y_pred)
     return grads, loss_sum, count
 
-  def replica_step(self, batch) -> ReplicaOutput:
-    """Runs in replica context: gradients, one all-reduce, unscale, clip."""
+  def replica_step(self, batch, want_norm=True) -> ReplicaOutput:
+    """Runs in replica context: gradients, one all-reduce, unscale, clip.
+
+    `want_norm` (bool tensor): compute `grad_norm` for the logs; when False
+    and nothing is clipped it is skipped (0), saving ~2 ops per variable.
+    """
     global_count = self._global_count(batch)
     if self.accum_steps == 1:
       grads, loss_sum, count, y_pred = self._local_grads(batch, global_count)
       self._update_metrics(batch, y_pred)
     else:
       grads, loss_sum, count = self._accumulated_grads(batch, global_count)
-    ctx = tf.distribute.get_replica_context()
-    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                             grads + [loss_sum, count])
-    grads, loss_sum, count = reduced[:-2], reduced[-2], reduced[-1]
+    if self.strategy.num_replicas_in_sync > 1:  # one replica: already global
+      ctx = tf.distribute.get_replica_context()
+      reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                               grads + [loss_sum, count])
+      grads, loss_sum, count = reduced[:-2], reduced[-2], reduced[-1]
     if self.loss_scaled:
       finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
                               for g in grads])
       grads = [g / self.optimizer.dynamic_scale for g in grads]
     else:
       finite = tf.constant(True)
-    grad_norm = tf.linalg.global_norm(grads)
+    if self.global_clipnorm > 0:
+      grad_norm = tf.linalg.global_norm(grads)
+    else:
+      grad_norm = tf.cond(want_norm, lambda: tf.linalg.global_norm(grads),
+                          lambda: tf.constant(0.0))
     if self.global_clipnorm > 0:
       grads, _ = tf.clip_by_global_norm(grads, self.global_clipnorm,
                                         use_norm=grad_norm)
@@ -221,12 +230,13 @@ class TrainStep:
         tf.zeros_like(self.optimizer.step_counter))
     self.optimizer.dynamic_scale.assign(self.optimizer.dynamic_scale * 0.5)
 
-  def __call__(self, batch) -> dict:
+  def __call__(self, batch, want_norm=True) -> dict:
     """One step in cross-replica context (inside tf.function, under scope).
 
-    Returns scalar float32 tensors: loss_sum, count, grad_norm, finite.
+    Returns scalar float32 tensors: loss_sum, count, grad_norm (0 unless
+    `want_norm` or clipping), finite.
     """
-    out = self.strategy.run(self.replica_step, args=(batch,))
+    out = self.strategy.run(self.replica_step, args=(batch, want_norm))
     first = lambda t: self.strategy.experimental_local_results(t)[0]
     finite = first(out.finite)
     if self.loss_scaled:

@@ -1,0 +1,32 @@
+"""The benchmark runs end to end at a tiny size and writes a valid report
+(the numbers themselves are judged in the report, never in a test)."""
+
+import json
+
+import pytest
+
+from conftest import run_module
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path):
+  path = tmp_path / "bench.json"
+  proc = run_module("launch.bench", "--size=tiny", "--repeats=1",
+                    f"--json={path}", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(path.read_text())
+  assert report["machine"]["cores"] >= 1 and report["machine"]["tensorflow"]
+  for case in ("overhead", "compute"):
+    for contender in ("trainer", "keras_fit"):
+      figures = report[case][contender]
+      assert figures["examples_per_sec"] > 0 and figures["step_time_ms"] > 0
+      assert len(figures["seconds"]) == 1
+    assert report[case]["ratio"] > 0
+  assert 0 < report["matmul"]["fraction"]
+  assert report["matmul"]["matmul_gflops"] > 0
+  assert report["devices"]["1_devices"]["speedup"] == 1.0
+  assert report["devices"]["2_devices"]["examples_per_sec"] > 0
+  assert report["input"]["fraction"] > 0
+  for line in ("trainer/keras time", "bare matmul", "stream/memory"):
+    assert line in proc.stdout
