@@ -135,3 +135,20 @@ def test_saved_model_keeps_the_zeros_without_masks(tmp_path, one_device):
     assert np.sum(kernel == 0) == round(0.5 * kernel.size), layer.name
   np.testing.assert_array_equal(loaded.predict(x, verbose=0),
                                 trainer.model.predict(x, verbose=0))
+
+
+def test_export_of_a_pruned_run_keeps_the_exact_sparsity(tmp_path):
+  from trainer import export as export_lib  # pylint: disable=import-outside-toplevel
+  config = _config(200, target_sparsity=0.8, begin_step=20, end_step=100,
+                   frequency=20)
+  result = run(config, str(tmp_path))
+  report = export_lib.export(str(tmp_path),
+                             formats=("keras", "tflite_float32"))
+  loaded = keras.models.load_model(str(tmp_path / "export" / "model.keras"))
+  assert not any("mask" in v.path for v in loaded.variables)  # stripped
+  for name in ("dense_0", "dense_1"):
+    kernel = loaded.get_layer(name).kernel.numpy()
+    assert np.sum(kernel == 0) == round(0.8 * kernel.size), name
+  for name in ("keras", "tflite_float32"):
+    assert report["formats"][name]["accuracy"] == pytest.approx(
+        result.logs["eval/accuracy"], abs=1e-6)
