@@ -83,6 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.distribution = ml_collections.ConfigDict()
   c.distribution.strategy = "auto"
   c.distribution.num_cpu_devices = 1  # split the host CPU into N logical devices
+  # multi_worker: a collective not done in this many seconds fails (a hung
+  # peer ends the job); raise it if workers may wait longer on each other
+  # (very slow start-up or XLA compiles). 0 = wait forever.
+  c.distribution.collective_timeout = 600.0
 
   c.precision = ml_collections.ConfigDict()
   c.precision.policy = "float32"
@@ -143,6 +147,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _non_negative(config.train.eval_every, "train.eval_every")
   _non_negative(config.train.checkpoint_every, "train.checkpoint_every")
   _non_negative(config.train.nan_recovery, "train.nan_recovery")
+  _non_negative(config.distribution.collective_timeout,
+                "distribution.collective_timeout")
   _non_negative(config.train.steps_per_epoch, "train.steps_per_epoch")
   _positive(config.optimizer.decay_factor, "optimizer.decay_factor", float)
   if config.optimizer.schedule == "step" and not config.optimizer.decay_steps:

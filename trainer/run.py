@@ -133,8 +133,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   config_lib.validate(config)
   if testing:
     config = testing_config(config)
-  strategy = strategy_lib.build_strategy(config.distribution.strategy,
-                                         config.distribution.num_cpu_devices)
+  strategy = strategy_lib.build_strategy(
+      config.distribution.strategy, config.distribution.num_cpu_devices,
+      collective_timeout=config.distribution.collective_timeout)
   n = strategy.num_replicas_in_sync
   data_lib.check_batch_size(config.data.global_batch_size,
                             n * config.train.grad_accum_steps,

@@ -3,13 +3,23 @@
 `configure_cpu_devices(n)` must run before TensorFlow initialises its devices
 (before any op runs); it splits the host CPU into n logical devices so that
 MirroredStrategy can be exercised without GPUs.
+
+`multi_worker` takes its cluster from TF_CONFIG or, when TF_CONFIG is unset,
+from the environment of a SLURM job step (`srun`): one worker per SLURM task,
+task 0 the chief, ports from TRAINER_SLURM_PORT_BASE or derived from the job
+id, GPU counts from the job (SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_TASK) or from
+the GPUs visible to the process.
 """
 
 import json
 import os
+import re
 
 import tensorflow as tf
 from absl import logging
+# The resolver is public; its hostlist parsers are only in its module.
+from tensorflow.python.distribute.cluster_resolver import (
+    slurm_cluster_resolver as tf_slurm)
 
 from trainer.errors import ConfigError
 
@@ -49,7 +59,8 @@ def _check_tf_config() -> None:
   if not raw:
     raise ConfigError(
         "distribution.strategy=multi_worker needs a cluster: set TF_CONFIG "
-        "describing every worker (BUILD.md, multi-worker), or try it on this "
+        "describing every worker (BUILD.md, multi-worker), run it as a SLURM "
+        "job step (`srun`, see launch/slurm/train.sbatch), or try it on this "
         "machine with `python -m launch.local --num_workers=N -- ...`")
   try:
     spec = json.loads(raw)
@@ -69,21 +80,179 @@ def _check_tf_config() -> None:
                       f"{len(workers)} workers")
 
 
-def build_strategy(name: str = "auto",
-                   num_cpu_devices: int = 1) -> tf.distribute.Strategy:
+PORT_BASE_ENV = "TRAINER_SLURM_PORT_BASE"
+
+
+def in_slurm_job() -> bool:
+  """True if the environment is a SLURM job's: a job step (`srun`) or a
+  batch script (an error for `multi_worker` unless the job has one task)."""
+  env = os.environ
+  return ("SLURM_PROCID" in env and
+          ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env) and
+          ("SLURM_STEP_NODELIST" in env or "SLURM_JOB_NODELIST" in env))
+
+
+def slurm_port_base() -> int:
+  """The port of each node's first task; task i on a node listens on base+i.
+
+  TRAINER_SLURM_PORT_BASE if set, else 15000 + SLURM_JOB_ID % 10000: two jobs
+  sharing a node get different ports (unless their ids are 10000 apart), a
+  requeued job gets its old ones back, and all stay below Linux's ephemeral
+  range (32768 and up), where outgoing connections take their ports.
+  """
+  raw = os.environ.get(PORT_BASE_ENV, "")
+  if raw:
+    if not raw.isdigit() or not 1024 <= int(raw) <= 65000:
+      raise ConfigError(f"{PORT_BASE_ENV}={raw!r} is not a port number in "
+                        "[1024, 65000]")
+    return int(raw)
+  job = os.environ.get("SLURM_JOB_ID", "0")
+  return 15000 + (int(job) if job.isdigit() else 0) % 10000
+
+
+def _gpu_count(name: str) -> int | None:
+  """A SLURM GPU count such as `2` or `a100:2` from env var `name`."""
+  raw = os.environ.get(name, "")
+  if not raw:
+    return None
+  match = re.fullmatch(r"(?:[\w.-]+:)*(\d+)", raw.strip())
+  if not match:
+    raise ConfigError(f"{name}={raw!r} is not a GPU count")
+  return int(match.group(1))
+
+
+class SlurmResolver(tf_slurm.SlurmClusterResolver):
+  """A SLURM job step as `worker` tasks, one per SLURM task; rank 0 is chief.
+
+  Two differences from the stock resolver, which otherwise does the work:
+  tasks are laid out on the hosts in SLURM's own (block) order, where the
+  stock one sorts host names as strings (`node10` before `node9`: every task
+  would get another's address); and `gpus_per_task` may be 0 on CPU-only
+  nodes, where the stock one fails ("range() arg 3 must not be zero") or,
+  given a made-up GPU, makes MultiWorkerMirroredStrategy place its replica on
+  a GPU that does not exist. `_slurm_resolver` pins the GPUs with
+  `tf.config.set_visible_devices`, so `auto_set_gpu` is off (its
+  CUDA_VISIBLE_DEVICES has no effect once TF has listed the GPUs, and would
+  replace the one SLURM set).
+  """
+
+  def __init__(self, *, hosts: list[str], tasks_per_host: list[int],
+               gpus_per_task: int, port_base: int):
+    per_task = max(gpus_per_task, 1)  # what the base class can lay out
+    super().__init__(
+        jobs={"worker": sum(tasks_per_host)}, port_base=port_base,
+        gpus_per_node=per_task * max(tasks_per_host), gpus_per_task=per_task,
+        tasks_per_node=dict(zip(hosts, tasks_per_host)), auto_set_gpu=False)
+    self._addresses = [f"{host}:{port_base + i}"
+                       for host, n in zip(hosts, tasks_per_host)
+                       for i in range(n)]
+    self._num_gpus = gpus_per_task
+    self.task_type, self.task_id = "worker", self._rank
+
+  def cluster_spec(self) -> tf.train.ClusterSpec:
+    """`worker` addresses `host:port` in SLURM rank order."""
+    return tf.train.ClusterSpec({"worker": self._addresses})
+
+  def num_accelerators(self, task_type=None, task_id=None, config_proto=None):
+    """GPUs per task (0 on CPU-only nodes: one CPU replica per task)."""
+    del task_type, task_id, config_proto
+    return {"GPU": self._num_gpus}
+
+
+def _slurm_resolver() -> SlurmResolver:
+  """The SLURM job step in the environment as a cluster resolver.
+
+  Pins this task's GPUs with `tf.config.set_visible_devices`; must run before
+  TensorFlow initialises its devices.
+  """
+  env = os.environ
+  try:
+    rank = int(env["SLURM_PROCID"])
+    num_tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+    hosts = tf_slurm.expand_hostlist(env.get("SLURM_STEP_NODELIST") or
+                                     env["SLURM_JOB_NODELIST"])
+    per_node = (env.get("SLURM_STEP_TASKS_PER_NODE") or
+                env.get("SLURM_TASKS_PER_NODE"))
+    tasks_per_host = (tf_slurm.expand_tasks_per_node(per_node) if per_node else
+                      [num_tasks // len(hosts)] * len(hosts))
+    local_rank = int(env.get("SLURM_LOCALID", "0"))
+  except (KeyError, ValueError, ZeroDivisionError) as e:
+    raise ConfigError(f"the SLURM environment is incomplete or malformed "
+                      f"({type(e).__name__}: {e}); run the workers with "
+                      "`srun` inside an allocation") from None
+  if "SLURM_STEP_ID" not in env and num_tasks > 1:
+    raise ConfigError(
+        f"this is the batch script of a {num_tasks}-task SLURM job, not a job "
+        "step: start one process per task with `srun python -m launch.train "
+        "...` (see launch/slurm/train.sbatch)")
+  if sum(tasks_per_host) != num_tasks or not 0 <= rank < num_tasks:
+    raise ConfigError(
+        f"inconsistent SLURM step: {num_tasks} tasks, rank {rank}, tasks per "
+        f"node {tasks_per_host} on {hosts}")
+  distribution = env.get("SLURM_DISTRIBUTION", "block").split(":")[0]
+  if distribution not in ("", "block"):
+    raise ConfigError(
+        f"SLURM task distribution {distribution!r} is not supported: workers "
+        "are numbered node by node; use --distribution=block (the default)")
+
+  visible = tf.config.list_physical_devices("GPU")  # does not init devices
+  first = 0  # the rank of this host's first task (block distribution)
+  for tasks_here in tasks_per_host:
+    if rank < first + tasks_here:
+      break
+    first += tasks_here
+  gpus_per_node = _gpu_count("SLURM_GPUS_ON_NODE")
+  if gpus_per_node is None:
+    gpus_per_node = len(visible)
+  gpus_per_task = _gpu_count("SLURM_GPUS_PER_TASK")
+  if gpus_per_task is None:
+    gpus_per_task = gpus_per_node // tasks_here
+  if gpus_per_node and not gpus_per_task:
+    raise ConfigError(
+        f"{gpus_per_node} GPU(s) on this node for {tasks_here} SLURM tasks: "
+        "use at most one task per GPU (--ntasks-per-node)")
+  if gpus_per_task and len(visible) > gpus_per_task:
+    # Every task sees the node's GPUs: take this task's share.
+    mine = visible[local_rank * gpus_per_task:(local_rank + 1) * gpus_per_task]
+    if len(mine) < gpus_per_task:
+      raise ConfigError(
+          f"SLURM local task {local_rank} needs {gpus_per_task} GPU(s) but "
+          f"only {len(visible)} are visible on this node")
+    tf.config.set_visible_devices(mine, "GPU")
+  elif len(visible) < gpus_per_task:
+    raise ConfigError(f"SLURM asks for {gpus_per_task} GPU(s) per task but "
+                      f"TensorFlow sees {len(visible)} (BUILD.md, CUDA host)")
+  return SlurmResolver(hosts=hosts, tasks_per_host=tasks_per_host,
+                       gpus_per_task=gpus_per_task,
+                       port_base=slurm_port_base())
+
+
+def build_strategy(name: str = "auto", num_cpu_devices: int = 1, *,
+                   collective_timeout: float = 0.0) -> tf.distribute.Strategy:
   """Returns the strategy for `name`.
 
   Args:
     name: `auto` (MirroredStrategy over several GPUs, or over several logical
       CPUs when `num_cpu_devices > 1`; otherwise one device), `mirrored`,
-      `one_device` or `multi_worker` (cluster from TF_CONFIG).
+      `one_device` or `multi_worker` (cluster from TF_CONFIG, else from the
+      SLURM job step this process is a task of).
     num_cpu_devices: logical CPU devices to create when there is no GPU.
+    collective_timeout: multi_worker only: seconds after which a collective
+      (all-reduce) that has not completed fails with DeadlineExceededError,
+      so a hung peer ends the job instead of blocking it forever (0 = never).
   """
   if num_cpu_devices > 1:
     configure_cpu_devices(num_cpu_devices)
   if name == "multi_worker":  # before anything initialises the TF context
-    _check_tf_config()
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = None
+    if not os.environ.get("TF_CONFIG") and in_slurm_job():
+      resolver = _slurm_resolver()
+    else:
+      _check_tf_config()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver,
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout or None))
     logging.info("strategy MultiWorkerMirroredStrategy: %d replica(s), "
                  "cluster %s, this task %s %s", strategy.num_replicas_in_sync,
                  strategy.cluster_resolver.cluster_spec().as_dict(),

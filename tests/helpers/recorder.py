@@ -9,6 +9,7 @@ stop there).
 
 import json
 import os
+import time
 
 from trainer.callbacks import TrainerCallback
 
@@ -48,3 +49,16 @@ class KillAt(TrainerCallback):
   def on_train_batch_end(self, batch, logs=None):
     if self.global_step >= int(os.environ.get("KILL_AT_STEP", "-1")) >= 0:
       os.kill(os.getpid(), 9)
+
+
+class HangAt(TrainerCallback):
+  """Worker $HANG_WORKER blocks forever at the first host-loop end at or
+  after global step $HANG_AT_STEP: a hung peer that is still alive (its
+  process, threads and heartbeats go on; it just never reaches the next
+  collective)."""
+
+  def on_train_batch_end(self, batch, logs=None):
+    if (str(_task_index()) == os.environ.get("HANG_WORKER") and
+        self.global_step >= int(os.environ.get("HANG_AT_STEP", "-1")) >= 0):
+      while True:
+        time.sleep(1)

@@ -1,0 +1,186 @@
+"""Multi-worker jobs on localhost (`launch.local`, real processes, real
+MultiWorkerMirroredStrategy): the same numbers as one process with the same
+replicas, a killed or hung worker ends the job within a bounded time with
+nothing left running, and bad cluster input is one clear line."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, run_module
+from trainer.callbacks import read_metrics
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--config=configs/digits.py", "--config.train.deterministic=True",
+         "--config.train.steps=60", "--config.train.steps_per_loop=20",
+         "--config.train.steps_per_epoch=30",
+         "--config.train.checkpoint_every=0",
+         "--config.callbacks.progress_bar=False",
+         "--config.callbacks.tensorboard=False"]
+
+
+def _variables(workdir) -> dict[str, np.ndarray]:
+  reader = tf.train.load_checkpoint(str(workdir / "checkpoints"))
+  return {name: reader.get_tensor(name)
+          for name in reader.get_variable_to_shape_map()
+          if "save_counter" not in name and "OBJECT_GRAPH" not in name}
+
+
+def test_two_workers_train_like_two_mirrored_replicas_in_one_process(
+    tmp_path):
+  workers, mirrored = tmp_path / "workers", tmp_path / "mirrored"
+  job = run_module("launch.local", "--num_workers=2", "--", *SMALL,
+                   f"--workdir={workers}", timeout=240)
+  assert job.returncode == 0, job.stderr[-3000:]
+  assert "MultiWorkerMirroredStrategy: 2 replica(s)" in job.stderr
+  one = run_module("launch.train", *SMALL, f"--workdir={mirrored}",
+                   "--config.distribution.strategy=mirrored",
+                   "--config.distribution.num_cpu_devices=2")
+  assert one.returncode == 0, one.stderr[-3000:]
+  want, got = _variables(mirrored), _variables(workers)
+  assert sorted(got) == sorted(want) and len(want) > 10
+  for name, value in want.items():  # a sum of two is exact either way
+    np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-7,
+                               err_msg=name)
+  losses = lambda d: [(r["step"], r["train/loop_loss"])
+                      for r in read_metrics(d) if "train/loop_loss" in r]
+  np.testing.assert_allclose(np.array(losses(workers)),
+                             np.array(losses(mirrored)), rtol=1e-6)
+
+
+def _start_job(workdir, *overrides, env=None):
+  return subprocess.Popen(
+      [sys.executable, "-m", "launch.local", "--num_workers=2",
+       "--grace_seconds=5", "--", "--config=configs/digits.py",
+       f"--workdir={workdir}", "--config.train.steps=1000000",
+       "--config.train.steps_per_loop=20",
+       "--config.callbacks.progress_bar=False", *overrides],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.path.join(ROOT, "tests", "helpers"),
+               **(env or {})))
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+  """{task index: pid} of the launcher's worker processes."""
+  pids = {}
+  for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+    try:
+      with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+      if parent != launcher_pid:
+        continue
+      with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    except (OSError, ValueError, IndexError):
+      continue
+    if b"TF_CONFIG" in env:
+      pids[int(env[b"TF_CONFIG"].rsplit(b'"index": ', 1)[1].rstrip(b"}"))] = pid
+  return pids
+
+
+def _wait_for_training(proc, workdir, lines=3, seconds=180):
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline and proc.poll() is None and not (
+      metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.communicate()[1][-3000:]
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+def test_a_killed_worker_ends_the_job_naming_it_and_leaves_nothing_running(
+    tmp_path):
+  proc = _start_job(tmp_path)
+  try:
+    _wait_for_training(proc, tmp_path)
+    pids = _worker_pids(proc.pid)
+    assert sorted(pids) == [0, 1]
+    os.kill(pids[1], signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    seconds = time.monotonic() - killed
+  finally:
+    proc.kill()
+  assert proc.returncode == 1, err[-3000:]
+  assert "error: worker 1 was killed by SIGKILL; stopping the other workers" in (
+      err)
+  assert seconds < 60, seconds  # worker 0 fails fast or is stopped (grace 5 s)
+  assert not any(_alive(pid) for pid in pids.values())
+
+
+def test_a_stuck_worker_times_out_on_the_survivor_within_the_bound(tmp_path):
+  """Worker 1 stays alive but never reaches the next all-reduce (a deadlock
+  in user code): only the collective timeout can end the job."""
+  proc = _start_job(tmp_path, "--config.distribution.collective_timeout=15",
+                    "--config.callbacks.custom=recorder:HangAt",
+                    env={"HANG_WORKER": "1", "HANG_AT_STEP": "60"})
+  try:
+    _wait_for_training(proc, tmp_path)
+    pids = _worker_pids(proc.pid)
+    _, err = proc.communicate(timeout=180)
+  finally:
+    proc.kill()
+  assert proc.returncode == 1, err[-3000:]
+  assert "error: worker 0 exited with status" in err, err[-3000:]
+  assert "DeadlineExceeded" in err or "timeout" in err.lower(), err[-3000:]
+  last = read_metrics(tmp_path)[-1]["step"]
+  assert last <= 60 + 20  # nobody trained past the stuck step's next loop
+  assert not any(_alive(pid) for pid in pids.values())
+
+
+def test_a_frozen_worker_ends_the_job_within_the_bound(tmp_path):
+  """SIGSTOP: the process stops heartbeating and the survivor's collective
+  fails (the coordination service notices, or the timeout)."""
+  proc = _start_job(tmp_path, "--config.distribution.collective_timeout=15")
+  try:
+    _wait_for_training(proc, tmp_path)
+    pids = _worker_pids(proc.pid)
+    os.kill(pids[1], signal.SIGSTOP)
+    frozen = time.monotonic()
+    _, err = proc.communicate(timeout=180)
+    seconds = time.monotonic() - frozen
+  finally:
+    proc.kill()
+    for pid in pids.values():
+      if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+  assert proc.returncode == 1, err[-3000:]
+  assert "error: worker 0 exited with status" in err, err[-3000:]
+  assert seconds < 15 + 60, seconds  # the timeout, then stop with grace
+  assert not any(_alive(pid) for pid in pids.values())
+
+
+BAD_CLUSTER = [
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": ', "TF_CONFIG is malformed"),
+    ('{"cluster": {"worker": ["localhost:1", "localhost:2"]}, '
+     '"task": {"type": "worker", "index": 2}}', "index 2 is out of range"),
+]  # multi_worker without any cluster: tests/test_launch_train.py
+
+
+@pytest.mark.parametrize("tf_config,message", BAD_CLUSTER,
+                         ids=[m for _, m in BAD_CLUSTER])
+def test_bad_cluster_input_is_one_line_and_never_a_hang(tf_config, message,
+                                                        tmp_path):
+  proc = run_module("launch.train", "--config=configs/digits.py",
+                    f"--workdir={tmp_path / 'run'}",
+                    "--config.distribution.strategy=multi_worker",
+                    env={"TF_CONFIG": tf_config}, timeout=60)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, last
+  assert not (tmp_path / "run").exists()
