@@ -193,3 +193,37 @@ def test_xla_step_matches_the_plain_step_on_two_replicas(
   tolerance = 1e-5 if policy_name == "float32" else 2e-3
   for a, b in zip(*weights):
     np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda: keras.optimizers.Adam(0.05),
+    lambda: keras.optimizers.SGD(0.5),
+    lambda: keras.optimizers.SGD(0.5, momentum=0.9)],
+    ids=["adam", "sgd", "momentum"])
+def test_fused_update_equals_keras_update_on_two_replicas(
+    mirrored, make_optimizer):
+  x, y = _examples(64)
+  weights = []
+  for fused in (True, False):
+    trainer = Trainer(model=_model(mirrored), optimizer=make_optimizer(),
+                      loss=LOSS, strategy=mirrored, steps_per_loop=2)
+    assert trainer.step.fused_update
+    if not fused:  # back to Keras' own optimizer.apply
+      trainer.step._fused = None  # pylint: disable=protected-access
+    trainer.fit(_finite_input(x, y, 16), steps=4)
+    weights.append(trainer.model.get_weights() +
+                   [v.numpy() for v in trainer.optimizer.variables])
+  # Float rounding only: Adam normalizes by sqrt(v), which amplifies the
+  # last bit when v is small; 1e-5 is 5e-5 of the 4 steps' travel (4 x lr).
+  for a, b in zip(*weights):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_other_optimizers_keep_the_keras_update(mirrored):
+  for optimizer in (keras.optimizers.AdamW(0.01),
+                    keras.optimizers.Adam(0.01, amsgrad=True),
+                    keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+                    keras.optimizers.RMSprop(0.01)):
+    trainer = Trainer(model=_model(mirrored), optimizer=optimizer, loss=LOSS,
+                      strategy=mirrored)
+    assert not trainer.step.fused_update, optimizer.name

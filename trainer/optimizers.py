@@ -1,14 +1,21 @@
-"""Optimizers from config, and the one Keras hook the train step replaces.
+"""Optimizers from config, and the Keras hooks the train step replaces.
 
 The train step all-reduces gradients itself (once, so that the global
 finiteness check and global-norm clipping see the reduced gradient; DESIGN.md
 facts 2 and 3). Keras 3's TF optimizer would all-reduce them a second time
 inside `apply`, so `disable_gradient_aggregation` turns that off for one
 optimizer instance. tests/test_step.py pins the result (mirrored == one device).
+
+`fused_update` replaces Keras' update (Adam: a dozen elementwise ops per
+variable, each a pass over its memory, plus the bias corrections recomputed
+per variable) by TensorFlow's fused kernels (one multithreaded pass) where
+the math is the same: plain Adam, and SGD with or without momentum.
+tests/test_step.py pins it against Keras' own update.
 """
 
 import keras
 import ml_collections
+import tensorflow as tf
 
 from trainer.errors import ConfigError
 
@@ -28,6 +35,81 @@ def disable_gradient_aggregation(
   inner = getattr(optimizer, "inner_optimizer", None)
   if inner is not None:
     disable_gradient_aggregation(inner)
+
+
+def _local(variable) -> tf.Variable:
+  """The tf.Variable to update on this device: a Keras variable's value,
+  and inside `strategy.extended.update` a mirrored variable's component."""
+  if isinstance(variable, keras.Variable):
+    variable = variable.value
+  component = getattr(variable, "_get_on_device_or_primary", None)
+  return component() if component else variable
+
+
+class FusedUpdate:
+  """Keras' update of plain Adam or SGD as one fused kernel per variable.
+
+  Call `apply(grads, variables)` in cross-replica context with the reduced
+  (per-replica) gradients: the learning rate and Adam's bias corrections
+  are computed once per step, each variable is updated in place on each of
+  its devices, then `iterations` advances, as Keras' `apply` does.
+  """
+
+  def __init__(self, optimizer: keras.optimizers.Optimizer,
+               strategy: tf.distribute.Strategy):
+    self.optimizer, self.strategy = optimizer, strategy
+    self.adam = isinstance(optimizer, keras.optimizers.Adam)
+
+  def _slot(self, slots, variable) -> tf.Variable:
+    return _local(slots[self.optimizer._get_variable_index(variable)])  # pylint: disable=protected-access
+
+  def _update(self, variable, grad, lr, powers):
+    opt, dtype = self.optimizer, variable.dtype
+    grad, var = tf.cast(grad, dtype), _local(variable)
+    if self.adam:
+      tf.raw_ops.ResourceApplyAdam(
+          var=var.handle, m=self._slot(opt._momentums, variable).handle,  # pylint: disable=protected-access
+          v=self._slot(opt._velocities, variable).handle,  # pylint: disable=protected-access
+          beta1_power=powers[0], beta2_power=powers[1], lr=lr,
+          beta1=tf.cast(opt.beta_1, dtype), beta2=tf.cast(opt.beta_2, dtype),
+          epsilon=tf.cast(opt.epsilon, dtype), grad=grad)
+    elif opt.momentum:
+      tf.raw_ops.ResourceApplyKerasMomentum(
+          var=var.handle, accum=self._slot(opt.momentums, variable).handle,
+          lr=lr, grad=grad, momentum=tf.cast(opt.momentum, dtype))
+    else:
+      tf.raw_ops.ResourceApplyGradientDescent(var=var.handle, alpha=lr,
+                                              delta=grad)
+
+  def apply(self, grads, variables) -> None:
+    opt = self.optimizer
+    lr = tf.cast(opt.learning_rate, tf.float32)
+    step = tf.cast(opt.iterations + 1, tf.float32)
+    powers = (tf.pow(tf.cast(opt.beta_1, tf.float32), step),
+              tf.pow(tf.cast(opt.beta_2, tf.float32), step)) if self.adam else ()
+    for grad, variable in zip(grads, variables):
+      self.strategy.extended.update(
+          variable.value, self._update, args=(grad, lr, powers), group=False)
+    opt.iterations.assign_add(1)
+
+
+def fused_update(optimizer: keras.optimizers.Optimizer,
+                 strategy: tf.distribute.Strategy) -> FusedUpdate | None:
+  """A FusedUpdate for plain Adam or SGD, else None (keep Keras' update).
+
+  Only where the math is Keras' own: exactly `Adam` (no amsgrad) or `SGD`
+  (no nesterov), float32 variables, no weight decay, EMA, gradient
+  accumulation or per-optimizer clipping (the train step clips).
+  """
+  plain = (not optimizer.weight_decay and not optimizer.use_ema and
+           optimizer.clipnorm is None and optimizer.clipvalue is None and
+           optimizer.global_clipnorm is None and
+           not optimizer.gradient_accumulation_steps)
+  cls = type(optimizer)
+  if plain and ((cls is keras.optimizers.Adam and not optimizer.amsgrad) or
+                (cls is keras.optimizers.SGD and not optimizer.nesterov)):
+    return FusedUpdate(optimizer, strategy)
+  return None
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int):

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 import keras
 import tensorflow as tf
 
-from trainer.optimizers import disable_gradient_aggregation
+from trainer.optimizers import disable_gradient_aggregation, fused_update
 
 # (model, batch, training) -> (per-example loss [batch] float32, predictions)
 ComputeLoss = Callable[..., tuple]
@@ -100,6 +100,7 @@ class TrainStep:
     self._apply_optimizer = (optimizer.inner_optimizer
                              if self.loss_scaled else optimizer)
     disable_gradient_aggregation(optimizer)
+    self._fused = fused_update(self._apply_optimizer, strategy)
     with strategy.scope():
       self.global_step = tf.Variable(
           0, dtype=tf.int64, trainable=False, name="global_step",
@@ -211,9 +212,18 @@ class TrainStep:
                                         use_norm=grad_norm)
     return ReplicaOutput(grads, finite, grad_norm, loss_sum, count)
 
+  @property
+  def fused_update(self) -> bool:
+    """True if the update runs as TensorFlow's fused kernels (plain Adam
+    and SGD), False if through Keras' `optimizer.apply`."""
+    return self._fused is not None
+
   def _apply(self, grads) -> None:
     """Cross-replica: applies the (already reduced) gradients on each replica."""
     variables = self.model.trainable_variables
+    if self._fused is not None:
+      self._fused.apply(grads, variables)
+      return
     self.strategy.extended.call_for_each_replica(
         lambda g: self._apply_optimizer.apply(g, variables), args=(grads,))
 
