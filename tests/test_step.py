@@ -227,3 +227,47 @@ def test_other_optimizers_keep_the_keras_update(mirrored):
     trainer = Trainer(model=_model(mirrored), optimizer=optimizer, loss=LOSS,
                       strategy=mirrored)
     assert not trainer.step.fused_update, optimizer.name
+
+
+def test_trainer_without_a_strategy_uses_the_default_one():
+  x, y = _examples(40)
+  trainer = Trainer(model=_model(tf.distribute.get_strategy()),
+                    optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+  logs = trainer.fit(_finite_input(x, y, 16), steps=3,
+                     eval_data=_finite_input(x, y, 16))
+  assert int(trainer.global_step.numpy()) == 3
+  assert logs["eval/num_examples"] == 40
+
+
+def _bn_model(strategy, synchronized=False):
+  with strategy.scope():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(8),
+        keras.layers.BatchNormalization(synchronized=synchronized),
+        keras.layers.Dense(3, dtype="float32")])
+
+
+@pytest.mark.parametrize("num_examples", [21, 18])  # last batch 5 and 2 < k
+def test_accumulation_on_a_partial_batch_never_runs_an_empty_micro_batch(
+    one_device, num_examples):
+  x, y = _examples(num_examples)
+  trainer = Trainer(model=_bn_model(one_device),
+                    optimizer=keras.optimizers.SGD(0.1), loss=LOSS,
+                    strategy=one_device, grad_accum_steps=4)
+  logs = trainer.fit(_finite_input(x, y, 16), steps=5)
+  assert logs["examples"] == num_examples - 16 and np.isfinite(
+      logs["grad_norm"])
+  for weight in trainer.model.get_weights():  # BN statistics included
+    assert np.all(np.isfinite(weight))
+
+
+@pytest.mark.parametrize("option", [{"grad_accum_steps": 2},
+                                    {"jit_compile": True}])
+def test_synchronized_bn_in_a_nested_graph_is_refused_clearly(mirrored,
+                                                              option):
+  from trainer.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match="synchronized batch norm cannot run"):
+    Trainer(model=_bn_model(mirrored, synchronized=True),
+            optimizer=keras.optimizers.SGD(0.1), loss=LOSS,
+            strategy=mirrored, **option)

@@ -67,6 +67,7 @@ class Checkpointer:
                allow_partial: bool = False, async_save: bool = False,
                extra: dict | None = None):
     self.allow_partial = allow_partial
+    self._last_saved_step, self._last_saved_path = None, None
     if async_save:
       enable_keras_async_checkpoints()
     self._options = tf.train.CheckpointOptions(
@@ -126,6 +127,7 @@ class Checkpointer:
                             f"({message}); use a new --workdir") from None
         logging.warning("checkpoint %s restored partially: %s", path, message)
       step = int(self.checkpoint.global_step.numpy())
+      self._last_saved_step, self._last_saved_path = step, path
       logging.info("restored %s (step %d)", path, step)
       return step
     if paths:
@@ -156,11 +158,15 @@ class Checkpointer:
     return restored
 
   def save(self) -> str:
+    """Saves the current step once (a second call at the same step is a
+    no-op: an async save in flight is not rewritten)."""
     step = int(self.checkpoint.global_step.numpy())
-    if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(
-        f"-{step}"):
-      return self.manager.latest_checkpoint
-    return self.manager.save(checkpoint_number=step, options=self._options)
+    if step == self._last_saved_step:
+      return self._last_saved_path
+    self._last_saved_path = self.manager.save(checkpoint_number=step,
+                                              options=self._options)
+    self._last_saved_step = step
+    return self._last_saved_path
 
   def close(self) -> None:
     """Waits for an async save in flight; removes a worker's scratch dir."""

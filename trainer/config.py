@@ -110,6 +110,18 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config (WORKDIR/config.json) with every key added to the
+  framework since then set to its default."""
+
+  def merge(base: dict, over: dict) -> dict:
+    return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and
+                       isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+  return ml_collections.ConfigDict(merge(default_config().to_dict(), saved))
+
+
 def _choice(value, allowed, key):
   if value not in allowed:
     raise ConfigError(

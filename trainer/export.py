@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from trainer import config as config_lib
 from trainer import data as data_lib
 from trainer import layers, models
 from trainer.errors import ConfigError, DataError
@@ -81,7 +82,7 @@ def restore(workdir: str) -> Restored:
                     "train first with `python -m launch.train`")
   try:
     with open(path, encoding="utf-8") as f:
-      config = ml_collections.ConfigDict(json.load(f))
+      config = config_lib.with_defaults(json.load(f))
   except (ValueError, OSError) as e:
     raise DataError(f"cannot read {path}: {e}") from None
   checkpoint = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))

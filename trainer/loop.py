@@ -114,7 +114,10 @@ class Trainer:
 
   def _host_only(self) -> bool:
     """One replica on the host CPU: nothing to split or copy to a device."""
-    devices = getattr(self.strategy.extended, "worker_devices", ())
+    try:
+      devices = self.strategy.extended.worker_devices
+    except (AttributeError, RuntimeError):  # the default strategy has none
+      return not tf.config.list_logical_devices("GPU")
     return (self.strategy.num_replicas_in_sync == 1 and
             self.num_workers == 1 and len(devices) == 1 and
             "CPU" in devices[0].upper())

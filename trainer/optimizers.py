@@ -104,7 +104,8 @@ def fused_update(optimizer: keras.optimizers.Optimizer,
   plain = (not optimizer.weight_decay and not optimizer.use_ema and
            optimizer.clipnorm is None and optimizer.clipvalue is None and
            optimizer.global_clipnorm is None and
-           not optimizer.gradient_accumulation_steps)
+           not optimizer.gradient_accumulation_steps and
+           getattr(optimizer, "loss_scale_factor", None) is None)
   cls = type(optimizer)
   if plain and ((cls is keras.optimizers.Adam and not optimizer.amsgrad) or
                 (cls is keras.optimizers.SGD and not optimizer.nesterov)):

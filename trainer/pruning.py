@@ -57,6 +57,11 @@ class PruningSchedule:
     if not 0 <= self.begin_step < self.end_step:
       raise ConfigError("pruning needs 0 <= begin_step < end_step, got "
                         f"{self.begin_step} and {self.end_step}")
+    try:
+      re.compile(self.exclude)
+    except re.error as e:
+      raise ConfigError(f"pruning.exclude {self.exclude!r} is not a valid "
+                        f"regular expression ({e})") from None
     if self.frequency < 1:
       raise ConfigError(f"pruning.frequency must be >= 1, got "
                         f"{self.frequency}")

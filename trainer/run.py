@@ -227,6 +227,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
       signal.signal(signal.SIGTERM, previous_handler)
     if checkpointer:
       checkpointer.close()
+  # No worker exits before every one has finished writing: a scheduler that
+  # stops a job when its first task exits (srun --kill-on-bad-exit) must not
+  # cut the chief's last checkpoint short.
+  trainer.barrier()
   device = strategy.extended.worker_devices[0]
   return RunResult(logs=logs, steps=int(trainer.global_step.numpy()),
                    seconds=time.perf_counter() - start, device=device,

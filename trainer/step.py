@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 import keras
 import tensorflow as tf
 
+from trainer.errors import ConfigError
 from trainer.optimizers import disable_gradient_aggregation, fused_update
 
 # (model, batch, training) -> (per-example loss [batch] float32, predictions)
@@ -51,6 +52,12 @@ def make_compute_loss(loss_fn: Callable) -> ComputeLoss:
     return per_example, y_pred
 
   return compute_loss
+
+
+def _has_synchronized_bn(model) -> bool:
+  return any(isinstance(layer, keras.layers.BatchNormalization) and
+             getattr(layer, "synchronized", False)
+             for layer in model._flatten_layers(include_self=False))  # pylint: disable=protected-access
 
 
 class ReplicaOutput(NamedTuple):
@@ -105,6 +112,18 @@ class TrainStep:
       self.global_step = tf.Variable(
           0, dtype=tf.int64, trainable=False, name="global_step",
           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    if ((jit_compile or self.accum_steps > 1) and
+        strategy.num_replicas_in_sync > 1 and _has_synchronized_bn(model)):
+      raise ConfigError(
+          "synchronized batch norm cannot run inside "
+          f"{'jit_compile' if jit_compile else 'gradient accumulation'} "
+          "with several replicas (TensorFlow refuses its cross-replica "
+          "all-reduce in a nested graph: 'merge_call called while defining "
+          "a new graph'); turn off model.sync_batch_norm, or "
+          f"{'train.jit_compile' if jit_compile else 'train.grad_accum_steps'}")
+    if self._fused is not None and any(
+        v.dtype != "float32" for v in model.trainable_variables):
+      self._fused = None  # the fused kernels are set up for float32 here
     self._local_grads = (tf.function(self._local_grads_fn, jit_compile=True)
                          if jit_compile else self._local_grads_fn)
 
@@ -153,17 +172,17 @@ class TrainStep:
     """Micro-batch i of `accum_steps` of this replica's batch.
 
     Full batches are reshaped to [k, b/k, ...] so every micro-batch keeps a
-    static shape (XLA, fewer retraces); a partial batch is sliced.
+    static shape (XLA, fewer retraces); a partial batch of n is split into
+    sizes n//k or n//k + 1, none empty unless n < k.
     """
     k = self.accum_steps
     size = tf.nest.flatten(batch)[0].shape[0]
     if size is not None and size % k == 0:
       return tf.nest.map_structure(
           lambda t: tf.reshape(t, [k, size // k, *t.shape[1:]])[i], batch)
-    n = tf.shape(tf.nest.flatten(batch)[0])[0]
-    micro = (n + k - 1) // k
-    return tf.nest.map_structure(lambda t: t[i * micro:(i + 1) * micro],
-                                 batch)
+    n = tf.cast(tf.shape(tf.nest.flatten(batch)[0])[0], i.dtype)
+    start, end = i * n // k, (i + 1) * n // k
+    return tf.nest.map_structure(lambda t: t[start:end], batch)
 
   def _accumulated_grads(self, batch, global_count):
     """Sums gradients over `accum_steps` micro-batches, one after another."""
@@ -171,12 +190,13 @@ class TrainStep:
     loss_sum, count = tf.constant(0.0), tf.constant(0.0)
     for i in tf.range(self.accum_steps):
       part = self._micro_batch(batch, i)
-      part_grads, part_loss, part_count, y_pred = self._local_grads(
-          part, global_count)
-      grads = [g + tf.cast(p, g.dtype) for g, p in zip(grads, part_grads)]
-      loss_sum += part_loss
-      count += part_count
-      self._update_metrics(part, y_pred)
+      if tf.shape(tf.nest.flatten(part)[0])[0] > 0:  # n < k leaves some empty
+        part_grads, part_loss, part_count, y_pred = self._local_grads(
+            part, global_count)
+        grads = [g + tf.cast(p, g.dtype) for g, p in zip(grads, part_grads)]
+        loss_sum += part_loss
+        count += part_count
+        self._update_metrics(part, y_pred)
     return grads, loss_sum, count
 
   def replica_step(self, batch, want_norm=True) -> ReplicaOutput:
