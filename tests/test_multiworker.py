@@ -184,3 +184,33 @@ def test_bad_cluster_input_is_one_line_and_never_a_hang(tf_config, message,
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and message in last, last
   assert not (tmp_path / "run").exists()
+
+
+def test_workers_that_resume_from_different_steps_stop_with_a_clear_error(
+    tmp_path):
+  """A workdir that is not shared (a node-local path): the chief finds its
+  checkpoint, the other worker none. Every worker must refuse, not train."""
+  from launch.local import free_ports, tf_config  # pylint: disable=import-outside-toplevel
+  flags = ["--config=configs/digits.py", "--config.train.steps=40",
+           "--config.callbacks.progress_bar=False",
+           "--config.distribution.strategy=multi_worker"]
+  ports = free_ports(2)
+  first = run_module("launch.train", *flags[:-1], f"--workdir={tmp_path / 'a'}")
+  assert first.returncode == 0, first.stderr[-2000:]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "launch.train", *flags,
+       "--config.train.steps=80", f"--workdir={tmp_path / name}"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               TF_CONFIG=tf_config(ports, i)))
+           for i, name in enumerate(("a", "b"))]
+  try:
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for proc, err in zip(procs, errs):
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the workers resumed from different steps")
+    assert "the chief 40" in last

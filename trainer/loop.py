@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from trainer import precision
 from trainer.pruning import Pruner, PruningSchedule
-from trainer.errors import TrainingDiverged
+from trainer.errors import DataError, TrainingDiverged
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
 from trainer.strategy import is_chief, num_workers
 from trainer.step import ComputeLoss, TrainStep, make_compute_loss
@@ -257,6 +257,26 @@ class Trainer:
     if self.num_workers > 1:
       zero = tf.constant(0.0)
       self._agree(zero, zero, zero)
+
+  def check_same_step(self) -> None:
+    """Raises DataError on every worker if they hold different global steps
+    (after a restore: a workdir that is not shared between the workers).
+
+    Two collectives, taken by every worker: the chief's step, exact (a sum
+    of zeros and one value), then whether any worker differs from it.
+    """
+    if self.num_workers == 1:
+      return
+    zero = tf.constant(0.0)
+    mine = tf.constant(float(self.global_step.numpy()), tf.float32)
+    chief_step = self._agree(zero, mine, zero).numpy()[1]
+    differs = tf.constant(0.0 if mine.numpy() == chief_step else 1.0)
+    if self._agree(differs, zero, zero).numpy()[0] > 0:
+      raise DataError(
+          f"the workers resumed from different steps (this one "
+          f"{int(mine.numpy())}, the chief {int(chief_step)}): every worker "
+          "restores from WORKDIR/checkpoints, so the workdir must be on a "
+          "filesystem all workers share")
 
   def _agree_on_decisions(self) -> None:
     """Makes callback decisions the same on every worker (multi-worker only).

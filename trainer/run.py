@@ -204,6 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
         extra={"pruning_masks": dict(trainer.pruner.masks)}
         if trainer.pruner else None)
     checkpointer.restore_latest()
+    trainer.check_same_step()
     new_lr = float(config.optimizer.learning_rate)
     if (saved and config.optimizer.schedule == "constant" and
         saved.get("optimizer.learning_rate") != new_lr):
