@@ -103,24 +103,38 @@ def _alive(pid: int) -> bool:
   return True
 
 
+def _disrupt(proc, workdir, action=lambda pids: None, timeout=180):
+  """Waits until the job trains, calls `action({task: pid})`, waits for the
+  launcher. Returns (pids, launcher stderr, seconds from the action to the
+  launcher's exit, pids still alive then); kills whatever is left after."""
+  pids = {}
+  try:
+    _wait_for_training(proc, workdir)
+    pids = _worker_pids(proc.pid)
+    assert sorted(pids) == [0, 1]
+    action(pids)
+    start = time.monotonic()
+    _, err = proc.communicate(timeout=timeout)
+    seconds = time.monotonic() - start
+    return pids, err, seconds, [p for p in pids.values() if _alive(p)]
+  finally:
+    proc.kill()
+    for pid in pids.values():  # a stopped worker ignores SIGTERM
+      if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
 def test_a_killed_worker_ends_the_job_naming_it_and_leaves_nothing_running(
     tmp_path):
   proc = _start_job(tmp_path)
-  try:
-    _wait_for_training(proc, tmp_path)
-    pids = _worker_pids(proc.pid)
-    assert sorted(pids) == [0, 1]
-    os.kill(pids[1], signal.SIGKILL)
-    killed = time.monotonic()
-    _, err = proc.communicate(timeout=120)
-    seconds = time.monotonic() - killed
-  finally:
-    proc.kill()
+  _, err, seconds, left = _disrupt(
+      proc, tmp_path, lambda pids: os.kill(pids[1], signal.SIGKILL),
+      timeout=120)
   assert proc.returncode == 1, err[-3000:]
   assert "error: worker 1 was killed by SIGKILL; stopping the other workers" in (
       err)
   assert seconds < 60, seconds  # worker 0 fails fast or is stopped (grace 5 s)
-  assert not any(_alive(pid) for pid in pids.values())
+  assert not left
 
 
 def test_a_stuck_worker_times_out_on_the_survivor_within_the_bound(tmp_path):
@@ -129,40 +143,25 @@ def test_a_stuck_worker_times_out_on_the_survivor_within_the_bound(tmp_path):
   proc = _start_job(tmp_path, "--config.distribution.collective_timeout=15",
                     "--config.callbacks.custom=recorder:HangAt",
                     env={"HANG_WORKER": "1", "HANG_AT_STEP": "60"})
-  try:
-    _wait_for_training(proc, tmp_path)
-    pids = _worker_pids(proc.pid)
-    _, err = proc.communicate(timeout=180)
-  finally:
-    proc.kill()
+  _, err, _, left = _disrupt(proc, tmp_path)
   assert proc.returncode == 1, err[-3000:]
   assert "error: worker 0 exited with status" in err, err[-3000:]
   assert "DeadlineExceeded" in err or "timeout" in err.lower(), err[-3000:]
   last = read_metrics(tmp_path)[-1]["step"]
   assert last <= 60 + 20  # nobody trained past the stuck step's next loop
-  assert not any(_alive(pid) for pid in pids.values())
+  assert not left
 
 
 def test_a_frozen_worker_ends_the_job_within_the_bound(tmp_path):
   """SIGSTOP: the process stops heartbeating and the survivor's collective
   fails (the coordination service notices, or the timeout)."""
   proc = _start_job(tmp_path, "--config.distribution.collective_timeout=15")
-  try:
-    _wait_for_training(proc, tmp_path)
-    pids = _worker_pids(proc.pid)
-    os.kill(pids[1], signal.SIGSTOP)
-    frozen = time.monotonic()
-    _, err = proc.communicate(timeout=180)
-    seconds = time.monotonic() - frozen
-  finally:
-    proc.kill()
-    for pid in pids.values():
-      if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
+  _, err, seconds, left = _disrupt(
+      proc, tmp_path, lambda pids: os.kill(pids[1], signal.SIGSTOP))
   assert proc.returncode == 1, err[-3000:]
   assert "error: worker 0 exited with status" in err, err[-3000:]
   assert seconds < 15 + 60, seconds  # the timeout, then stop with grace
-  assert not any(_alive(pid) for pid in pids.values())
+  assert not left
 
 
 BAD_CLUSTER = [

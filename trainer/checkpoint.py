@@ -47,6 +47,17 @@ def enable_keras_async_checkpoints() -> None:
   keras_tf_core.Variable._copy_trackable_to_cpu = _copy_keras_variable_to_cpu  # pylint: disable=protected-access
 
 
+def model_state(model) -> dict:
+  """The model's part of a checkpoint: every variable by its path.
+
+  Keras 3 models do not expose their variables to tf.train.Checkpoint (only
+  the optimizer's copies of the trainable ones get saved), so the model's
+  state is listed by variable path: weights, non-trainable statistics
+  (batch norm) and the dropout seed generators' state.
+  """
+  return {v.path: v for v in model.variables}
+
+
 class Checkpointer:
   """Saves and restores one run's state.
 
@@ -77,12 +88,8 @@ class Checkpointer:
                                     name="input_offset")
     self._scratch = None if is_chief else tempfile.mkdtemp(prefix="ckpt_")
     self.directory = directory
-    # Keras 3 models do not expose their variables to tf.train.Checkpoint
-    # (only the optimizer's copies of the trainable ones get saved), so the
-    # model's state is listed by variable path: weights, non-trainable
-    # statistics (batch norm) and the dropout seed generators' state.
     self.checkpoint = tf.train.Checkpoint(
-        model={v.path: v for v in model.variables}, optimizer=optimizer,
+        model=model_state(model), optimizer=optimizer,
         global_step=global_step, input_offset=self.input_offset,
         **(extra or {}))
     self.manager = tf.train.CheckpointManager(  # saves: this worker's copy

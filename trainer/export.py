@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from trainer import checkpoint as checkpoint_lib
 from trainer import config as config_lib
 from trainer import data as data_lib
 from trainer import layers, models
@@ -96,7 +97,7 @@ def restore(workdir: str) -> Restored:
     model = models.build_model(config.model, source.info)
   finally:
     keras.config.set_dtype_policy(previous)
-  reader = tf.train.Checkpoint(model={v.path: v for v in model.variables})
+  reader = tf.train.Checkpoint(model=checkpoint_lib.model_state(model))
   try:  # only the model: not the optimizer, step or input offset
     status = reader.restore(checkpoint).expect_partial()
     status.assert_existing_objects_matched()

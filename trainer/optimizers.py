@@ -94,18 +94,21 @@ class FusedUpdate:
 
 
 def fused_update(optimizer: keras.optimizers.Optimizer,
-                 strategy: tf.distribute.Strategy) -> FusedUpdate | None:
+                 strategy: tf.distribute.Strategy,
+                 variables) -> FusedUpdate | None:
   """A FusedUpdate for plain Adam or SGD, else None (keep Keras' update).
 
   Only where the math is Keras' own: exactly `Adam` (no amsgrad) or `SGD`
-  (no nesterov), float32 variables, no weight decay, EMA, gradient
-  accumulation or per-optimizer clipping (the train step clips).
+  (no nesterov), float32 `variables` (the trainable ones it updates), no
+  weight decay, EMA, gradient accumulation or per-optimizer clipping (the
+  train step clips).
   """
   plain = (not optimizer.weight_decay and not optimizer.use_ema and
            optimizer.clipnorm is None and optimizer.clipvalue is None and
            optimizer.global_clipnorm is None and
            not optimizer.gradient_accumulation_steps and
-           getattr(optimizer, "loss_scale_factor", None) is None)
+           getattr(optimizer, "loss_scale_factor", None) is None and
+           all(v.dtype == "float32" for v in variables))
   cls = type(optimizer)
   if plain and ((cls is keras.optimizers.Adam and not optimizer.amsgrad) or
                 (cls is keras.optimizers.SGD and not optimizer.nesterov)):

@@ -89,7 +89,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
                                                     default=list)))
   with open(path, encoding="utf-8") as f:
     # A key added to the framework after the run started has its default.
-    saved = {**as_json(config_lib.default_config()), **_flatten(json.load(f))}
+    saved = as_json(config_lib.with_defaults(json.load(f)))
   new = as_json(config)
   changed = sorted(
       k for k in set(saved) | set(new)

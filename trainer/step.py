@@ -107,7 +107,8 @@ class TrainStep:
     self._apply_optimizer = (optimizer.inner_optimizer
                              if self.loss_scaled else optimizer)
     disable_gradient_aggregation(optimizer)
-    self._fused = fused_update(self._apply_optimizer, strategy)
+    self._fused = fused_update(self._apply_optimizer, strategy,
+                               model.trainable_variables)
     with strategy.scope():
       self.global_step = tf.Variable(
           0, dtype=tf.int64, trainable=False, name="global_step",
@@ -121,9 +122,6 @@ class TrainStep:
           "all-reduce in a nested graph: 'merge_call called while defining "
           "a new graph'); turn off model.sync_batch_norm, or "
           f"{'train.jit_compile' if jit_compile else 'train.grad_accum_steps'}")
-    if self._fused is not None and any(
-        v.dtype != "float32" for v in model.trainable_variables):
-      self._fused = None  # the fused kernels are set up for float32 here
     self._local_grads = (tf.function(self._local_grads_fn, jit_compile=True)
                          if jit_compile else self._local_grads_fn)
 
@@ -224,12 +222,11 @@ class TrainStep:
       finite = tf.constant(True)
     if self.global_clipnorm > 0:
       grad_norm = tf.linalg.global_norm(grads)
+      grads, _ = tf.clip_by_global_norm(grads, self.global_clipnorm,
+                                        use_norm=grad_norm)
     else:
       grad_norm = tf.cond(want_norm, lambda: tf.linalg.global_norm(grads),
                           lambda: tf.constant(0.0))
-    if self.global_clipnorm > 0:
-      grads, _ = tf.clip_by_global_norm(grads, self.global_clipnorm,
-                                        use_norm=grad_norm)
     return ReplicaOutput(grads, finite, grad_norm, loss_sum, count)
 
   @property
