@@ -90,20 +90,29 @@ def _dataset(case: Case):
   Batched in NumPy, so each element is one whole batch (slicing 8 batches
   out of one tensor); batching example by example in tf.data would cost
   about as much as the small case's whole step and time the input instead.
+  tf.data autotuning is off: each `fit` call makes a new iterator, and
+  destroying an autotuned one stalls for 150-350 ms about half the time
+  (measured here), which would time the iterator instead of the steps.
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   rng = np.random.RandomState(0)
   x = rng.normal(size=(8, case.batch, case.features)).astype(np.float32)
   y = rng.randint(0, 10, size=(8, case.batch)).astype(np.int32)
+  options = tf.data.Options()
+  options.autotune.enabled = False
   return tf.data.Dataset.from_tensor_slices((x, y)).repeat().prefetch(
-      tf.data.AUTOTUNE)
+      2).with_options(options)
 
 
 class Ours:
-  """The trainer: `fit` for `steps` more steps per timed run."""
+  """The trainer: `fit` for `steps` more steps per timed run.
 
-  def __init__(self, case, strategy, data=None):
+  `persistent`: one iterator over `data` for all runs (`fit` continues an
+  iterator it is given), as in one long `fit`; else a new one per run.
+  """
+
+  def __init__(self, case, strategy, data=None, persistent=False):
     import keras  # pylint: disable=import-outside-toplevel
     from trainer.loop import Trainer  # pylint: disable=import-outside-toplevel
     with strategy.scope():
@@ -114,6 +123,8 @@ class Ours:
             from_logits=True, reduction="none"),
         strategy=strategy, steps_per_loop=case.steps_per_loop)
     self.data = data if data is not None else _dataset(case)
+    if persistent:
+      self.data = iter(self.trainer.distribute(self.data))
 
   def run(self, steps: int) -> None:
     done = int(self.trainer.global_step.numpy())
@@ -204,8 +215,10 @@ def bench_input(repeats: int, size: str) -> dict:
   memory = tf.data.Dataset.from_tensor_slices(
       (images[:case.batch * 8], labels[:case.batch * 8])).repeat().batch(
           case.batch, drop_remainder=True).cache().prefetch(tf.data.AUTOTUNE)
-  contenders = {"digits_stream": Ours(case, strategy, data=real),
-                "in_memory": Ours(case, strategy, data=memory)}
+  contenders = {"digits_stream": Ours(case, strategy, data=real,
+                                     persistent=True),
+                "in_memory": Ours(case, strategy, data=memory,
+                                  persistent=True)}
   seconds = _time(contenders, case.steps, repeats)
   out = {name: _summary(s, case, case.steps) for name, s in seconds.items()}
   out["fraction"] = (out["in_memory"]["median_seconds"] /

@@ -239,6 +239,29 @@ def test_trainer_without_a_strategy_uses_the_default_one():
   assert logs["eval/num_examples"] == 40
 
 
+@pytest.mark.parametrize("strategy", ["one_device", "mirrored"])
+def test_fit_on_an_iterator_continues_where_the_last_fit_stopped(
+    strategy, request):
+  """Two fits of 3 + 2 steps on one iterator read batches 0-4, the same
+  updates as one fit of 5 steps; the iterator is then at batch 5."""
+  strategy = request.getfixturevalue(strategy)
+  x, y = _examples(16 * 8)
+  make = lambda: Trainer(model=_model(strategy),
+                         optimizer=keras.optimizers.SGD(0.1), loss=LOSS,
+                         strategy=strategy, steps_per_loop=2)
+  data = _finite_input(x, y, 16)
+  straight = make()
+  straight.fit(data, steps=5)
+  chunked = make()
+  iterator = iter(chunked.distribute(data))
+  chunked.fit(iterator, steps=3)
+  chunked.fit(iterator, steps=5)
+  for a, b in zip(straight.model.weights, chunked.model.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  labels = strategy.experimental_local_results(next(iterator)[1])
+  np.testing.assert_array_equal(np.concatenate(labels), y[80:96])
+
+
 def _bn_model(strategy, synchronized=False):
   with strategy.scope():
     keras.utils.set_random_seed(0)

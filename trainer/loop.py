@@ -129,7 +129,8 @@ class Trainer:
     a plain `tf.data.Dataset` must be batched by the global batch size.
     With one replica on the host CPU the dataset is used as it is: the
     distributed iterator would only add ~150 us per batch (measured here) for
-    a split and a device copy that do not happen.
+    a split and a device copy that do not happen. Anything else (an iterator
+    over what this returned) is passed through.
     """
     if self._host_only():
       return data(tf.distribute.InputContext()) if (
@@ -303,6 +304,10 @@ class Trainer:
           eval_data: DatasetLike | None = None, eval_every: int = 0,
           callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
     """Trains until `global_step == steps`, in epochs of `steps_per_epoch`.
+
+    `train_data` is a dataset (function) for `distribute`, or an iterator
+    over `distribute(...)`: then the next `fit` continues where this one
+    stopped reading, as one long `fit` would.
 
     Evaluates on `eval_data` at the end of every epoch and, if `eval_every`
     > 0, also every `eval_every` steps. A resumed run (global step > 0)
