@@ -5,9 +5,11 @@ r"""Times the trainer against Keras `Model.fit`, the machine, and its inputs.
 In one process, after warm-up, interleaving the contenders run by run:
   overhead   a small MLP on a small batch (per-step overhead dominates):
              trainer vs Keras fit, same model, optimizer, tf.data input,
-             strategy, policy, steps_per_execution = steps_per_loop;
+             strategy, policy, steps_per_execution = steps_per_loop; each
+             with and without XLA, the faster setting of each side counts;
   compute    a large MLP (matmuls dominate): the same, plus the model's
-             achieved FLOP/s next to a bare matmul of its largest layer;
+             achieved FLOP/s next to bare matmuls of its largest layer
+             (timed interleaved with the others);
   mirrored   the compute case on 2 logical CPU devices (MirroredStrategy)
              against one device: the cost of distribution;
   input      the digits training stream (per-epoch shuffle + gather)
@@ -71,7 +73,7 @@ def cases(size: str) -> dict[str, Case]:
   # (run times come in steps of ~0.3 s and ~1.3 s), and a median over many
   # short runs is the number the stalls leave alone.
   return {"overhead": Case("overhead", 64, (128, 128), 64, 1000, 100),
-          "compute": Case("compute", 512, (1024, 1024, 1024), 512, 10, 10)}
+          "compute": Case("compute", 512, (1024, 1024, 1024), 512, 20, 10)}
 
 
 def _model(case: Case, seed: int = 0):
@@ -112,7 +114,8 @@ class Ours:
   iterator it is given), as in one long `fit`; else a new one per run.
   """
 
-  def __init__(self, case, strategy, data=None, persistent=False):
+  def __init__(self, case, strategy, data=None, persistent=False,
+               jit_compile=False):
     import keras  # pylint: disable=import-outside-toplevel
     from trainer.loop import Trainer  # pylint: disable=import-outside-toplevel
     with strategy.scope():
@@ -121,7 +124,8 @@ class Ours:
         model=model, optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="none"),
-        strategy=strategy, steps_per_loop=case.steps_per_loop)
+        strategy=strategy, steps_per_loop=case.steps_per_loop,
+        jit_compile=jit_compile)
     self.data = data if data is not None else _dataset(case)
     if persistent:
       self.data = iter(self.trainer.distribute(self.data))
@@ -132,16 +136,19 @@ class Ours:
 
 
 class KerasFit:
-  """Keras `Model.fit` with `steps_per_execution` = our steps_per_loop."""
+  """Keras `Model.fit` with `steps_per_execution` = our steps_per_loop.
 
-  def __init__(self, case, strategy):
+  `jit_compile=False` is what Keras' "auto" picks on a CPU-only machine.
+  """
+
+  def __init__(self, case, strategy, jit_compile=False):
     import keras  # pylint: disable=import-outside-toplevel
     with strategy.scope():
       self.model = _model(case)
       self.model.compile(
           optimizer=keras.optimizers.Adam(1e-3),
           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-          steps_per_execution=case.steps_per_loop)
+          steps_per_execution=case.steps_per_loop, jit_compile=jit_compile)
     self.data = _dataset(case)
 
   def run(self, steps: int) -> None:
@@ -161,27 +168,28 @@ def _time(contenders: dict, steps: int, repeats: int) -> dict[str, list]:
   return seconds
 
 
-def matmul_flops_per_sec(batch: int, n: int, m: int, repeats: int,
-                         iterations: int = 20) -> float:
-  """Median FLOP/s of a bare [batch, n] x [n, m] float32 matmul loop."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  a = tf.random.normal((batch, n))
-  b = tf.random.normal((n, m))
+class BareMatmul:
+  """`per_step` bare [batch, n] x [n, m] float32 matmuls per "step": the
+  machine's matmul rate, timed as one more contender so it sees the same
+  moments of the machine as the others. One element of each product is
+  kept (the loop must use it; a sum would add an elementwise pass)."""
 
-  @tf.function
-  def loop():
-    total = tf.zeros((batch, m))
-    for _ in tf.range(iterations):
-      total += tf.matmul(a, b)
-    return total
+  def __init__(self, batch: int, n: int, m: int, per_step: int):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    a, b = tf.random.normal((batch, n)), tf.random.normal((n, m))
+    self.flops_per_step = 2 * batch * n * m * per_step
 
-  loop().numpy()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    loop().numpy()
-    times.append(time.perf_counter() - start)
-  return 2.0 * batch * n * m * iterations / statistics.median(times)
+    @tf.function
+    def loop(steps):
+      total = tf.constant(0.0)
+      for _ in tf.range(steps * per_step):
+        total += tf.matmul(a, b)[0, 0]
+      return total
+
+    self._loop = loop
+
+  def run(self, steps: int) -> None:
+    self._loop(steps).numpy()
 
 
 def _summary(seconds: list, case: Case, steps: int) -> dict:
@@ -191,13 +199,23 @@ def _summary(seconds: list, case: Case, steps: int) -> dict:
           "step_time_ms": 1e3 * median / steps}
 
 
-def bench_vs_keras(case: Case, strategy, repeats: int) -> dict:
+def bench_vs_keras(case: Case, strategy, repeats: int,
+                   matmul: BareMatmul | None = None) -> dict:
+  """Each side with its best setting: with and without XLA (`jit_compile`),
+  the faster one counts. `matmul` runs interleaved with them."""
   contenders = {"trainer": Ours(case, strategy),
-                "keras_fit": KerasFit(case, strategy)}
+                "trainer_xla": Ours(case, strategy, jit_compile=True),
+                "keras_fit": KerasFit(case, strategy),
+                "keras_fit_xla": KerasFit(case, strategy, jit_compile=True)}
+  if matmul is not None:
+    contenders["bare_matmul"] = matmul
   seconds = _time(contenders, case.steps, repeats)
   out = {name: _summary(s, case, case.steps) for name, s in seconds.items()}
-  out["ratio"] = (out["trainer"]["median_seconds"] /
-                  out["keras_fit"]["median_seconds"])
+  best = lambda names: min(names, key=lambda n: out[n]["median_seconds"])
+  out["trainer_best"] = best(["trainer", "trainer_xla"])
+  out["keras_best"] = best(["keras_fit", "keras_fit_xla"])
+  out["ratio"] = (out[out["trainer_best"]]["median_seconds"] /
+                  out[out["keras_best"]]["median_seconds"])
   return out
 
 
@@ -281,13 +299,14 @@ def report(results: dict) -> list[str]:
   rows = ["case        contender        examples/s   step ms   vs target"]
   for key in ("overhead", "compute"):
     r = results[key]
-    for name in ("trainer", "keras_fit"):
+    for name in ("trainer", "trainer_xla", "keras_fit", "keras_fit_xla"):
       rows.append(f"{key:<11} {name:<15} {r[name]['examples_per_sec']:>11.0f} "
                   f"{r[name]['step_time_ms']:>9.3f}")
     target = TARGETS[f"{key}_ratio"]
     rows.append(f"{key:<11} trainer/keras time {r['ratio']:.3f}"
                 f"{'':>11}<= {target:.2f} "
-                f"{'ok' if r['ratio'] <= target else 'MISSED'}")
+                f"{'ok' if r['ratio'] <= target else 'MISSED'}"
+                f"  (best: {r['trainer_best']}, {r['keras_best']})")
   m = results["matmul"]
   rows.append(f"compute     model {m['model_gflops']:.1f} GFLOP/s, bare "
               f"matmul {m['matmul_gflops']:.1f}: {m['fraction']:.3f}   >= "
@@ -329,17 +348,25 @@ def main(argv: list[str]) -> None:
   results = {"machine": machine(), "repeats": repeats, "size": _SIZE.value,
              "targets": TARGETS,
              "cases": {k: dataclasses.asdict(c) for k, c in chosen.items()}}
-  for key in ("overhead", "compute"):
-    print(f"timing {key} ...", flush=True)
-    results[key] = bench_vs_keras(chosen[key], one, repeats)
   compute = chosen["compute"]
   batch, n, m = compute.batch, *max(compute.layer_shapes(),
                                     key=lambda s: s[0] * s[1])
-  matmul = matmul_flops_per_sec(batch, n, m, repeats)
-  model = (compute.train_flops_per_example() *
-           results["compute"]["trainer"]["examples_per_sec"])
-  results["matmul"] = {"shape": [batch, n, m], "matmul_gflops": matmul / 1e9,
-                       "model_gflops": model / 1e9, "fraction": model / matmul}
+  model_flops = compute.train_flops_per_example() * compute.batch
+  matmul = BareMatmul(batch, n, m, per_step=max(
+      1, round(model_flops / (2 * batch * n * m))))
+  for key in ("overhead", "compute"):
+    print(f"timing {key} ...", flush=True)
+    results[key] = bench_vs_keras(chosen[key], one, repeats,
+                                  matmul if key == "compute" else None)
+  c = results["compute"]
+  matmul_rate = (matmul.flops_per_step /
+                 (c["bare_matmul"]["median_seconds"] / compute.steps))
+  model_rate = model_flops / (c[c["trainer_best"]]["median_seconds"] /
+                              compute.steps)
+  results["matmul"] = {"shape": [batch, n, m],
+                       "matmul_gflops": matmul_rate / 1e9,
+                       "model_gflops": model_rate / 1e9,
+                       "fraction": model_rate / matmul_rate}
   print("timing devices ...", flush=True)
   results["devices"] = bench_devices(compute, devices, repeats)
   print("timing input ...", flush=True)

@@ -18,11 +18,17 @@ def test_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path):
   report = json.loads(path.read_text())
   assert report["machine"]["cores"] >= 1 and report["machine"]["tensorflow"]
   for case in ("overhead", "compute"):
-    for contender in ("trainer", "keras_fit"):
-      figures = report[case][contender]
-      assert figures["examples_per_sec"] > 0 and figures["step_time_ms"] > 0
-      assert len(figures["seconds"]) == 1
-    assert report[case]["ratio"] > 0
+    r = report[case]
+    for contender in ("trainer", "trainer_xla", "keras_fit", "keras_fit_xla"):
+      assert r[contender]["examples_per_sec"] > 0
+      assert r[contender]["step_time_ms"] > 0
+      assert len(r[contender]["seconds"]) == 1
+    assert r["ratio"] == pytest.approx(
+        r[r["trainer_best"]]["median_seconds"] /
+        r[r["keras_best"]]["median_seconds"])
+    assert r["ratio"] <= r["trainer"]["median_seconds"] / min(
+        r["keras_fit"]["median_seconds"], r["keras_fit_xla"]["median_seconds"])
+  assert len(report["compute"]["bare_matmul"]["seconds"]) == 1
   assert 0 < report["matmul"]["fraction"]
   assert report["matmul"]["matmul_gflops"] > 0
   assert report["devices"]["1_devices"]["speedup"] == 1.0
