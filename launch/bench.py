@@ -58,6 +58,16 @@ class Case:
     sizes = [self.features, *self.widths, 10]
     return list(zip(sizes[:-1], sizes[1:]))
 
+  def train_matmuls(self) -> list[tuple]:
+    """The matmuls of one train step, as (rows, inner, cols, transpose_a,
+    transpose_b): per layer x @ W, x^T @ dy, and dy @ W^T but the first."""
+    out = []
+    for i, (n, m) in enumerate(self.layer_shapes()):
+      out += [(self.batch, n, m, False, False), (n, self.batch, m, True, False)]
+      if i:
+        out.append((self.batch, m, n, False, True))
+    return out
+
   def train_flops_per_example(self) -> int:
     """Forward 2NM per layer, weight gradient 2NM, input gradient 2NM for
     every layer but the first (its input needs no gradient)."""
@@ -168,22 +178,28 @@ def _time(contenders: dict, steps: int, repeats: int) -> dict[str, list]:
   return seconds
 
 
-class BareMatmul:
-  """`per_step` bare [batch, n] x [n, m] float32 matmuls per "step": the
-  machine's matmul rate, timed as one more contender so it sees the same
-  moments of the machine as the others. One element of each product is
-  kept (the loop must use it; a sum would add an elementwise pass)."""
+class Matmuls:
+  """Bare float32 matmuls: one "step" runs each of `products` (rows, inner,
+  cols, transpose_a, transpose_b) once. Timed as one more contender, so it
+  sees the same moments of the machine as the others. One element of each
+  product is kept (the loop must use it; a sum would add a pass over it),
+  and each waits for the one before: two at once share the cores and run
+  slower than one after another (measured here: ~17%)."""
 
-  def __init__(self, batch: int, n: int, m: int, per_step: int):
+  def __init__(self, products: list[tuple]):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    a, b = tf.random.normal((batch, n)), tf.random.normal((n, m))
-    self.flops_per_step = 2 * batch * n * m * per_step
+    pairs = [(tf.random.normal((inner, rows) if ta else (rows, inner)),
+              tf.random.normal((cols, inner) if tb else (inner, cols)), ta, tb)
+             for rows, inner, cols, ta, tb in products]
+    self.flops_per_step = sum(2 * r * i * c for r, i, c, _, _ in products)
 
     @tf.function
     def loop(steps):
       total = tf.constant(0.0)
-      for _ in tf.range(steps * per_step):
-        total += tf.matmul(a, b)[0, 0]
+      for _ in tf.range(steps):
+        for a, b, ta, tb in pairs:
+          with tf.control_dependencies([total]):
+            total += tf.matmul(a, b, transpose_a=ta, transpose_b=tb)[0, 0]
       return total
 
     self._loop = loop
@@ -200,15 +216,14 @@ def _summary(seconds: list, case: Case, steps: int) -> dict:
 
 
 def bench_vs_keras(case: Case, strategy, repeats: int,
-                   matmul: BareMatmul | None = None) -> dict:
+                   matmuls: dict | None = None) -> dict:
   """Each side with its best setting: with and without XLA (`jit_compile`),
-  the faster one counts. `matmul` runs interleaved with them."""
+  the faster one counts. `matmuls` (name: Matmuls) run interleaved."""
   contenders = {"trainer": Ours(case, strategy),
                 "trainer_xla": Ours(case, strategy, jit_compile=True),
                 "keras_fit": KerasFit(case, strategy),
                 "keras_fit_xla": KerasFit(case, strategy, jit_compile=True)}
-  if matmul is not None:
-    contenders["bare_matmul"] = matmul
+  contenders.update(matmuls or {})
   seconds = _time(contenders, case.steps, repeats)
   out = {name: _summary(s, case, case.steps) for name, s in seconds.items()}
   best = lambda names: min(names, key=lambda n: out[n]["median_seconds"])
@@ -230,9 +245,9 @@ def bench_input(repeats: int, size: str) -> dict:
   real = data_lib.train_input_fn(source, global_batch_size=case.batch,
                                  seed=0, shuffle_buffer=1)
   images, labels = source.train_arrays
-  memory = tf.data.Dataset.from_tensor_slices(
-      (images[:case.batch * 8], labels[:case.batch * 8])).repeat().batch(
-          case.batch, drop_remainder=True).cache().prefetch(tf.data.AUTOTUNE)
+  memory = tf.data.Dataset.from_tensor_slices(  # 8 batches, then cached
+      (images[:case.batch * 8], labels[:case.batch * 8])).batch(
+          case.batch).cache().repeat().prefetch(tf.data.AUTOTUNE)
   contenders = {"digits_stream": Ours(case, strategy, data=real,
                                      persistent=True),
                 "in_memory": Ours(case, strategy, data=memory,
@@ -312,6 +327,9 @@ def report(results: dict) -> list[str]:
               f"matmul {m['matmul_gflops']:.1f}: {m['fraction']:.3f}   >= "
               f"{TARGETS['matmul_fraction']:.2f} "
               f"{'ok' if m['fraction'] >= TARGETS['matmul_fraction'] else 'MISSED'}")
+  rows.append(f"compute     the step's own matmuls run bare "
+              f"{m['model_matmuls_gflops']:.1f} GFLOP/s: model at "
+              f"{m['fraction_of_model_matmuls']:.3f} of them")
   d = results["devices"]
   for name, r in d.items():
     if isinstance(r, dict):
@@ -352,21 +370,27 @@ def main(argv: list[str]) -> None:
   batch, n, m = compute.batch, *max(compute.layer_shapes(),
                                     key=lambda s: s[0] * s[1])
   model_flops = compute.train_flops_per_example() * compute.batch
-  matmul = BareMatmul(batch, n, m, per_step=max(
-      1, round(model_flops / (2 * batch * n * m))))
+  matmuls = {  # the largest layer's forward product, as many as a step has
+      "bare_matmul": Matmuls([(batch, n, m, False, False)] * max(
+          1, round(model_flops / (2 * batch * n * m)))),
+      # the step's own products (transposed ones in the backward pass)
+      "model_matmuls": Matmuls(compute.train_matmuls())}
   for key in ("overhead", "compute"):
     print(f"timing {key} ...", flush=True)
     results[key] = bench_vs_keras(chosen[key], one, repeats,
-                                  matmul if key == "compute" else None)
+                                  matmuls if key == "compute" else None)
   c = results["compute"]
-  matmul_rate = (matmul.flops_per_step /
-                 (c["bare_matmul"]["median_seconds"] / compute.steps))
-  model_rate = model_flops / (c[c["trainer_best"]]["median_seconds"] /
-                              compute.steps)
+  rate = lambda name, flops: flops / (c[name]["median_seconds"] /
+                                      compute.steps)
+  model_rate = rate(c["trainer_best"], model_flops)
+  matmul_rate = rate("bare_matmul", matmuls["bare_matmul"].flops_per_step)
+  own_rate = rate("model_matmuls", matmuls["model_matmuls"].flops_per_step)
   results["matmul"] = {"shape": [batch, n, m],
                        "matmul_gflops": matmul_rate / 1e9,
                        "model_gflops": model_rate / 1e9,
-                       "fraction": model_rate / matmul_rate}
+                       "fraction": model_rate / matmul_rate,
+                       "model_matmuls_gflops": own_rate / 1e9,
+                       "fraction_of_model_matmuls": model_rate / own_rate}
   print("timing devices ...", flush=True)
   results["devices"] = bench_devices(compute, devices, repeats)
   print("timing input ...", flush=True)

@@ -28,11 +28,21 @@ def test_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path):
         r[r["keras_best"]]["median_seconds"])
     assert r["ratio"] <= r["trainer"]["median_seconds"] / min(
         r["keras_fit"]["median_seconds"], r["keras_fit_xla"]["median_seconds"])
-  assert len(report["compute"]["bare_matmul"]["seconds"]) == 1
+  for name in ("bare_matmul", "model_matmuls"):
+    assert len(report["compute"][name]["seconds"]) == 1
+  assert report["matmul"]["fraction_of_model_matmuls"] > 0
   assert 0 < report["matmul"]["fraction"]
   assert report["matmul"]["matmul_gflops"] > 0
   assert report["devices"]["1_devices"]["speedup"] == 1.0
   assert report["devices"]["2_devices"]["examples_per_sec"] > 0
   assert report["input"]["fraction"] > 0
-  for line in ("trainer/keras time", "bare matmul", "stream/memory"):
+  for line in ("trainer/keras time", "bare matmul", "own matmuls run bare",
+               "stream/memory"):
     assert line in proc.stdout
+
+
+def test_the_step_matmuls_count_the_model_flops():
+  from launch import bench  # pylint: disable=import-outside-toplevel
+  for case in bench.cases("full").values():
+    flops = sum(2 * r * i * c for r, i, c, _, _ in case.train_matmuls())
+    assert flops == case.train_flops_per_example() * case.batch
