@@ -42,7 +42,7 @@ def test_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path):
 
 
 def test_the_step_matmuls_count_the_model_flops():
-  from launch import bench  # pylint: disable=import-outside-toplevel
-  for case in bench.cases("full").values():
+  from launch.bench_contenders import cases  # pylint: disable=import-outside-toplevel
+  for case in cases("full").values():
     flops = sum(2 * r * i * c for r, i, c, _, _ in case.train_matmuls())
     assert flops == case.train_flops_per_example() * case.batch

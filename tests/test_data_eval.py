@@ -1,7 +1,6 @@
 """Datasets and evaluation: splits, per-replica input, exact eval counts."""
 
 import keras
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
