@@ -64,7 +64,12 @@ def bench_vs_keras(case: Case, strategy, repeats: int,
                 "keras_fit_xla": KerasFit(case, strategy, jit_compile=True)}
   contenders.update(matmuls or {})
   seconds = time_interleaved(contenders, case.steps, repeats)
-  out = {name: _summary(s, case, case.steps) for name, s in seconds.items()}
+  out = {name: _summary(seconds[name], case, case.steps)
+         for name in contenders if name not in (matmuls or {})}
+  for name, m in (matmuls or {}).items():
+    median = statistics.median(seconds[name])
+    out[name] = {"seconds": seconds[name], "median_seconds": median,
+                 "gflops": m.flops_per_step * case.steps / median / 1e9}
   best = lambda names: min(names, key=lambda n: out[n]["median_seconds"])
   out["trainer_best"] = best(["trainer", "trainer_xla"])
   out["keras_best"] = best(["keras_fit", "keras_fit_xla"])
@@ -219,16 +224,15 @@ def main(argv: list[str]) -> None:
     results[key] = bench_vs_keras(chosen[key], one, repeats,
                                   matmuls if key == "compute" else None)
   c = results["compute"]
-  rate = lambda name, flops: flops / (c[name]["median_seconds"] /
-                                      compute.steps)
-  model_rate = rate(c["trainer_best"], model_flops)
-  matmul_rate = rate("bare_matmul", matmuls["bare_matmul"].flops_per_step)
-  own_rate = rate("model_matmuls", matmuls["model_matmuls"].flops_per_step)
+  model_rate = model_flops / (c[c["trainer_best"]]["median_seconds"] /
+                              compute.steps) / 1e9
+  matmul_rate = c["bare_matmul"]["gflops"]
+  own_rate = c["model_matmuls"]["gflops"]
   results["matmul"] = {"shape": [batch, n, m],
-                       "matmul_gflops": matmul_rate / 1e9,
-                       "model_gflops": model_rate / 1e9,
+                       "matmul_gflops": matmul_rate,
+                       "model_gflops": model_rate,
                        "fraction": model_rate / matmul_rate,
-                       "model_matmuls_gflops": own_rate / 1e9,
+                       "model_matmuls_gflops": own_rate,
                        "fraction_of_model_matmuls": model_rate / own_rate}
   print("timing devices ...", flush=True)
   results["devices"] = bench_devices(compute, devices, repeats)

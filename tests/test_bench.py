@@ -26,8 +26,8 @@ def test_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path):
     assert r["ratio"] == pytest.approx(
         r[r["trainer_best"]]["median_seconds"] /
         r[r["keras_best"]]["median_seconds"])
-    assert r["ratio"] <= r["trainer"]["median_seconds"] / min(
-        r["keras_fit"]["median_seconds"], r["keras_fit_xla"]["median_seconds"])
+    assert r["trainer_best"] in ("trainer", "trainer_xla")
+    assert r["keras_best"] in ("keras_fit", "keras_fit_xla")
   for name in ("bare_matmul", "model_matmuls"):
     assert len(report["compute"][name]["seconds"]) == 1
   assert report["matmul"]["fraction_of_model_matmuls"] > 0

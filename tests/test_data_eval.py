@@ -39,24 +39,27 @@ def test_global_batches_are_the_same_for_any_replica_layout(mirrored):
   assert sorted(single) != list(range(8))  # it was shuffled
 
 
-@pytest.mark.parametrize("start_step", [0, 4])  # 4: mid-epoch 2
-def test_stream_is_epoch_permutations_cut_into_batches(start_step):
-  """Input pipeline 1 of 2 (2 workers, 1 replica each) from `start_step`:
-  per-replica batches 2k+1 of the stream, epoch e in the order
+@pytest.mark.parametrize("replicas", [2, 4])  # 1 or 2 per pipeline
+@pytest.mark.parametrize("start_step", [0, 4])  # 4: mid-epoch
+def test_stream_is_epoch_permutations_cut_into_batches(start_step, replicas):
+  """Input pipeline 1 of 2 (2 workers) from `start_step`: per-replica
+  batches start_step * R + 1 + 2j of the stream, epoch e in the order
   epoch_permutation(e), spanning epoch boundaries."""
   n, per_replica, seed = 10, 3, 4
   images = np.arange(n, dtype=np.float32)[:, None] * 10
   labels = np.arange(n, dtype=np.int32)
-  fn = data_lib.stream_input_fn((images, labels), global_batch_size=6,
+  fn = data_lib.stream_input_fn((images, labels),
+                                global_batch_size=per_replica * replicas,
                                 seed=seed, start_step=start_step)
   ctx = tf.distribute.InputContext(num_input_pipelines=2,
                                    input_pipeline_id=1,
-                                   num_replicas_in_sync=2)
+                                   num_replicas_in_sync=replicas)
   got = [y.tolist() for _, y in fn(ctx).take(6).as_numpy_iterator()]
   stream = np.concatenate([data_lib.epoch_permutation(e, n, seed).numpy()
-                           for e in range(8)])
+                           for e in range(12)])
+  first = start_step * replicas + 1
   want = [stream[q * per_replica:(q + 1) * per_replica].tolist()
-          for q in range(2 * start_step + 1, 2 * start_step + 12, 2)]
+          for q in range(first, first + 12, 2)]
   assert got == want
   x, _ = next(iter(fn(ctx)))
   np.testing.assert_array_equal(x.numpy()[:, 0], np.array(want[0]) * 10)

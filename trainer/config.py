@@ -28,7 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""  # TFDS data_dir ("" = TFDS default)
   c.data.image_size = 0  # resize images to this square size (0 = keep)
   c.data.shuffle_buffer = 10_000  # TFDS streamed from disk only
-  c.data.in_memory = False  # TFDS: hold the train split in memory (exact, O(1) resume)
+  c.data.in_memory = False  # TFDS: hold the train split in memory (exact resume, no replay)
   c.data.train_split = "train"
   c.data.eval_split = "test"
   # synthetic only: per-example input shape, classes and examples held in memory.

@@ -306,8 +306,9 @@ class Trainer:
     """Trains until `global_step == steps`, in epochs of `steps_per_epoch`.
 
     `train_data` is a dataset (function) for `distribute`, or an iterator
-    over `distribute(...)`: then the next `fit` continues where this one
-    stopped reading, as one long `fit` would.
+    over this trainer's `distribute(...)`: then the next `fit` continues
+    where this one stopped reading, as one long `fit` would (the iterator's
+    position is its own: a restored checkpoint does not move it).
 
     Evaluates on `eval_data` at the end of every epoch and, if `eval_every`
     > 0, also every `eval_every` steps. A resumed run (global step > 0)
