@@ -15,7 +15,8 @@ import tensorflow as tf
 
 from trainer import precision
 from trainer.pruning import Pruner, PruningSchedule
-from trainer.errors import DataError, TrainingDiverged
+from trainer.agreement import WorkerAgreement
+from trainer.errors import TrainingDiverged
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
 from trainer.strategy import is_chief, num_workers
 from trainer.step import ComputeLoss, TrainStep, make_compute_loss
@@ -102,7 +103,7 @@ class Trainer:
     self.is_chief = is_chief(self.strategy)
     self.num_workers = num_workers(self.strategy)
     self._train_loop = tf.function(self._train_loop_fn)
-    self._agree = tf.function(self._agree_fn)
+    self.agreement = WorkerAgreement(self.strategy, self.num_workers)
     self._preempt_requested = False
     self.preempted = False  # the run stopped early on request_preemption()
     self._eval_loop = tf.function(self._eval_loop_fn)
@@ -243,59 +244,27 @@ class Trainer:
     """
     self._preempt_requested = True
 
-  def _agree_fn(self, stop, learning_rate, preempt):
-    def replica_fn():
-      ctx = tf.distribute.get_replica_context()
-      first = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float32)
-      # A sum of zeros and one value is exact: replica 0 (the chief's) wins.
-      return ctx.all_reduce("sum", tf.stack(
-          [stop, first * learning_rate, preempt]))
-    out = self.strategy.run(replica_fn)
-    return self.strategy.experimental_local_results(out)[0]
-
   def barrier(self) -> None:
     """Returns when every worker has called it (a no-op on one host)."""
-    if self.num_workers > 1:
-      zero = tf.constant(0.0)
-      self._agree(zero, zero, zero)
+    self.agreement.barrier()
 
   def check_same_step(self) -> None:
     """Raises DataError on every worker if they hold different global steps
-    (after a restore: a workdir that is not shared between the workers).
-
-    Two collectives, taken by every worker: the chief's step, exact (a sum
-    of zeros and one value), then whether any worker differs from it.
-    """
-    if self.num_workers == 1:
-      return
-    zero = tf.constant(0.0)
-    mine = tf.constant(float(self.global_step.numpy()), tf.float32)
-    chief_step = self._agree(zero, mine, zero).numpy()[1]
-    differs = tf.constant(0.0 if mine.numpy() == chief_step else 1.0)
-    if self._agree(differs, zero, zero).numpy()[0] > 0:
-      raise DataError(
-          f"the workers resumed from different steps (this one "
-          f"{int(mine.numpy())}, the chief {int(chief_step)}): every worker "
-          "restores from WORKDIR/checkpoints, so the workdir must be on a "
-          "filesystem all workers share")
+    (after a restore: a workdir that is not shared between the workers)."""
+    self.agreement.check_same_step(int(self.global_step.numpy()))
 
   def _agree_on_decisions(self) -> None:
-    """Makes callback decisions the same on every worker (multi-worker only).
+    """Makes callback decisions the same on every worker (trivial on one).
 
     `stop_training` set on any worker stops all of them; the chief's learning
     rate (e.g. from ReduceLROnPlateau) becomes everyone's. Every worker takes
     part in this collective at the same points (DESIGN.md fact 11).
     """
-    if self.num_workers == 1:
-      self.preempted = self._preempt_requested
-      return
-    stop, lr, preempt = self._agree(
-        tf.constant(1.0 if self.model.stop_training else 0.0),
-        tf.constant(self.learning_rate(), tf.float32),
-        tf.constant(1.0 if self._preempt_requested else 0.0)).numpy()
-    self.model.stop_training = bool(stop > 0)
-    self.preempted = bool(preempt > 0)
-    if float(lr) != self.learning_rate():
+    stop, lr, self.preempted = self.agreement.decide(
+        self.model.stop_training, self.learning_rate(),
+        self._preempt_requested)
+    self.model.stop_training = stop
+    if lr != self.learning_rate():
       inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
       inner.learning_rate = float(lr)
 
