@@ -42,6 +42,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed runs per contender.",
                                 lower_bound=1)
 _SIZE = flags.DEFINE_enum("size", "full", ["full", "tiny"], "tiny: a smoke "
                           "run in seconds (numbers are meaningless).")
+_DEVICES = flags.DEFINE_list("devices", ["1", "2"], "Device counts for the "
+                             "distribution case (GPUs if any, else logical "
+                             "CPUs), e.g. 1,2,4,8 on an 8-GPU host.")
 
 TARGETS = {"overhead_ratio": 0.95, "compute_ratio": 1.00,
            "matmul_fraction": 0.85, "input_fraction": 0.95}
@@ -188,11 +191,6 @@ def report(results: dict) -> list[str]:
               f"{TARGETS['input_fraction']:.2f} "
               f"{'ok' if i['fraction'] >= TARGETS['input_fraction'] else 'MISSED'}")
   return rows
-
-
-_DEVICES = flags.DEFINE_list("devices", ["1", "2"], "Device counts for the "
-                             "distribution case (GPUs if any, else logical "
-                             "CPUs), e.g. 1,2,4,8 on an 8-GPU host.")
 
 
 def main(argv: list[str]) -> None:
