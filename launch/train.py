@@ -9,7 +9,10 @@ and a short eval, no checkpoints; it prints one verdict line and exits 0 on
 PASS, 1 on FAIL. The same command on the same workdir resumes.
 
 Exit status: 0 done; 1 --testing FAIL; 2 bad input (one `error: ...` line);
-3 training diverged (NaN/inf loss in float32; checkpoints kept intact);
+3 training diverged (NaN/inf loss without a loss scale, or a mixed_float16
+loss scale below precision.min_loss_scale; checkpoints kept intact);
+4 stalled (multi-worker: no host-loop progress for
+distribution.collective_timeout seconds; trainer/watchdog.py);
 75 preempted by SIGTERM (checkpoint saved at the next step boundary).
 """
 
@@ -38,7 +41,7 @@ _TESTING = flags.DEFINE_bool(
 
 EXIT_FAILED = 1  # a --testing FAIL, or a bug (with its traceback)
 EXIT_USAGE = 2  # bad input: one `error: ...` line
-EXIT_DIVERGED = 3  # NaN/inf loss in float32: stopped, checkpoints intact
+EXIT_DIVERGED = 3  # cannot make progress (NaN loss, loss scale floor)
 EXIT_PREEMPTED = 75  # SIGTERM: checkpoint saved; rerun the command to resume
 
 

@@ -115,6 +115,11 @@ BAD_INPUT = [
     (["--config.optimizer.schedule=step"], "needs optimizer.decay_steps"),
     (["--config.callbacks.early_stopping.mode=up"],
      "unknown callbacks.early_stopping.mode"),
+    (["--config.data.global_batch_size=1600"],
+     "larger than the 1497 training examples"),
+    (["--config.model.name=cnn", "--config.train.deterministic=True",
+      "--config.train.jit_compile=True"],
+     "do not yet have a deterministic XLA implementation"),
 ]
 
 
@@ -157,3 +162,21 @@ def test_testing_mode_refuses_a_workdir_that_holds_a_run(tmp_path):
   assert proc.returncode == 2
   assert "--testing would overwrite the run" in proc.stderr.splitlines()[-1]
   assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_bad_input_on_a_run_leaves_it_as_it_was(tmp_path):
+  """A rejected command wrote config.json, so the good one that followed
+  was refused ('holds a run with a different config')."""
+  flags = ["--config=configs/digits.py", f"--workdir={tmp_path}",
+           "--config.callbacks.progress_bar=False"]
+  assert run_module("launch.train", *flags,
+                    "--config.train.steps=20").returncode == 0
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+  bad = run_module("launch.train", *flags, "--config.train.steps=40",
+                   "--config.data.global_batch_size=1600")
+  assert bad.returncode == 2, bad.stderr[-2000:]
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()
+          if p.is_file()} == before
+  good = run_module("launch.train", *flags, "--config.train.steps=40")
+  assert good.returncode == 0, good.stderr[-2000:]
+  assert good.stdout.startswith("done: 40 steps")

@@ -137,30 +137,35 @@ def test_a_killed_worker_ends_the_job_naming_it_and_leaves_nothing_running(
   assert not left
 
 
-def test_a_stuck_worker_times_out_on_the_survivor_within_the_bound(tmp_path):
+def test_a_stuck_worker_is_ended_by_its_watchdog_within_the_bound(tmp_path):
   """Worker 1 stays alive but never reaches the next all-reduce (a deadlock
-  in user code): only the collective timeout can end the job."""
+  in user code): heartbeats go on, so only the per-process watchdog on
+  host-loop progress (distribution.collective_timeout) can end the job."""
   proc = _start_job(tmp_path, "--config.distribution.collective_timeout=15",
                     "--config.callbacks.custom=recorder:HangAt",
                     env={"HANG_WORKER": "1", "HANG_AT_STEP": "60"})
-  _, err, _, left = _disrupt(proc, tmp_path)
+  _, err, seconds, left = _disrupt(proc, tmp_path)
   assert proc.returncode == 1, err[-3000:]
-  assert "error: worker 0 exited with status" in err, err[-3000:]
-  assert "DeadlineExceeded" in err or "timeout" in err.lower(), err[-3000:]
+  assert "exited with status 4; stopping the other workers" in err, (
+      err[-3000:])
+  assert "made no progress for 1" in err, err[-3000:]  # 15 s, 16 s, ...
+  assert "in the callbacks after step" in err or "in train steps" in err
+  assert "recorder.py" in err  # the stuck worker's Python stack is shown
+  assert seconds < 15 + 40, seconds
   last = read_metrics(tmp_path)[-1]["step"]
   assert last <= 60 + 20  # nobody trained past the stuck step's next loop
   assert not left
 
 
-def test_a_frozen_worker_ends_the_job_within_the_bound(tmp_path):
-  """SIGSTOP: the process stops heartbeating and the survivor's collective
-  fails (the coordination service notices, or the timeout)."""
-  proc = _start_job(tmp_path, "--config.distribution.collective_timeout=15")
+def test_a_frozen_worker_ends_the_job_within_a_minute_by_default(tmp_path):
+  """SIGSTOP with the default config: the process stops heartbeating and
+  TensorFlow's coordination service ends the survivor's collective."""
+  proc = _start_job(tmp_path)
   _, err, seconds, left = _disrupt(
       proc, tmp_path, lambda pids: os.kill(pids[1], signal.SIGSTOP))
   assert proc.returncode == 1, err[-3000:]
   assert "error: worker 0 exited with status" in err, err[-3000:]
-  assert seconds < 15 + 60, seconds  # the timeout, then stop with grace
+  assert seconds < 60, seconds
   assert not left
 
 

@@ -14,6 +14,7 @@ step k reads the training stream at batch `k + input_offset`, where
 `input_offset` counts the batches skipped by NaN recovery (`recover`).
 """
 
+import math
 import shutil
 import tempfile
 
@@ -88,10 +89,21 @@ class Checkpointer:
                                     name="input_offset")
     self._scratch = None if is_chief else tempfile.mkdtemp(prefix="ckpt_")
     self.directory = directory
-    self.checkpoint = tf.train.Checkpoint(
-        model=model_state(model), optimizer=optimizer,
-        global_step=global_step, input_offset=self.input_offset,
-        **(extra or {}))
+    # The optimizer's own state and the loss scale are saved apart, so the
+    # layout is the same under every precision.policy: a run resumes under
+    # another policy (the variables are float32 in all of them).
+    self._state = {"model": model_state(model),
+                   "optimizer": getattr(optimizer, "inner_optimizer",
+                                        optimizer),
+                   "global_step": global_step,
+                   "input_offset": self.input_offset, **(extra or {})}
+    self._loss_scaled = optimizer  # LossScaleOptimizer, or None
+    if hasattr(optimizer, "inner_optimizer"):
+      self._state["loss_scale"] = {"dynamic_scale": optimizer.dynamic_scale,
+                                   "step_counter": optimizer.step_counter}
+    else:
+      self._loss_scaled = None
+    self.checkpoint = tf.train.Checkpoint(**self._state)
     self.manager = tf.train.CheckpointManager(  # saves: this worker's copy
         self.checkpoint, self._scratch or directory, max_to_keep=max_to_keep,
         step_counter=global_step)
@@ -115,7 +127,7 @@ class Checkpointer:
     paths = self.checkpoints()
     for path in reversed(paths):
       try:
-        status = self.checkpoint.restore(path)
+        status = self._reader_for(path).restore(path)
       except ValueError as e:  # shapes differ from the model
         raise ConfigError(
             f"checkpoint {path} does not fit this model ({e}); use a new "
@@ -142,6 +154,31 @@ class Checkpointer:
                       "move the directory away to start from scratch")
     return None
 
+  def _reader_for(self, path: str) -> tf.train.Checkpoint:
+    """The checkpoint layout to restore `path` with.
+
+    A checkpoint written without a loss scale (under float32 or
+    mixed_bfloat16) restores into a mixed_float16 run, which then starts
+    from the initial scale; one written with a loss scale restores into any
+    policy. A mixed_float16 checkpoint of the earlier layout (the whole
+    LossScaleOptimizer as `optimizer`) still restores.
+    """
+    if self._loss_scaled is None:
+      return self.checkpoint
+    try:
+      keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError):
+      return self.checkpoint  # let restore report it
+    if any(k.startswith("optimizer/inner_optimizer/") for k in keys):
+      state = {k: v for k, v in self._state.items() if k != "loss_scale"}
+      return tf.train.Checkpoint(**{**state, "optimizer": self._loss_scaled})
+    if not any(k.startswith("loss_scale/") for k in keys):
+      logging.info("checkpoint %s has no loss scale (written under another "
+                   "precision.policy): starting from the initial scale", path)
+      return tf.train.Checkpoint(**{k: v for k, v in self._state.items()
+                                    if k != "loss_scale"})
+    return self.checkpoint
+
   @property
   def input_position(self) -> int:
     """The stream batch the next step reads: global step + input offset."""
@@ -158,10 +195,13 @@ class Checkpointer:
     Raises:
       DataError: there is no checkpoint to go back to.
     """
+    # The offset so far, including skips made since the checkpoint was
+    # written (a second recovery to the same checkpoint skips further).
+    offset = int(self.input_offset.numpy())
     restored = self.restore_latest()
     if restored is None:
       raise DataError("no checkpoint to recover from")
-    self.input_offset.assign_add(max(diverged_step - restored, 0))
+    self.input_offset.assign(offset + max(diverged_step - restored, 0))
     return restored
 
   def save(self) -> str:
@@ -195,12 +235,26 @@ class CheckpointEvery(TrainerCallback):
   def on_train_begin(self, logs=None):
     self._last = self.global_step
 
+  def _healthy(self, logs) -> bool:
+    """False when the last host loop's loss is NaN or inf (under
+    mixed_float16 such steps are skipped, not fatal): that state is not
+    worth a checkpoint, and a later recovery must not go back to it."""
+    loss = (logs or {}).get("loop_loss", (logs or {}).get("loss", 0.0))
+    if math.isfinite(loss):
+      return True
+    logging.warning("not checkpointing step %d: the loss is %s",
+                    self.global_step, loss)
+    return False
+
   def on_train_batch_end(self, batch, logs=None):
     step = self.global_step
     if self.every and step // self.every > self._last // self.every:
+      if not self._healthy(logs):
+        return  # try again after the next loop
       self.checkpointer.save()
     self._last = step
 
   def on_train_end(self, logs=None):
-    path = self.checkpointer.save()
-    logging.info("saved %s", path)
+    if self._healthy(logs):
+      path = self.checkpointer.save()
+      logging.info("saved %s", path)

@@ -83,13 +83,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.distribution = ml_collections.ConfigDict()
   c.distribution.strategy = "auto"
   c.distribution.num_cpu_devices = 1  # split the host CPU into N logical devices
-  # multi_worker: a collective not done in this many seconds fails (a hung
-  # peer ends the job); raise it if workers may wait longer on each other
-  # (very slow start-up or XLA compiles). 0 = wait forever.
+  # multi_worker: a worker whose host loop makes no progress (a train loop,
+  # an evaluation, a checkpoint save) for this many seconds ends itself
+  # (exit 4), so a stuck worker ends the job instead of blocking the others
+  # forever (trainer/watchdog.py); 0 = wait forever. A dead or frozen worker
+  # ends the job sooner: TensorFlow's coordination service sees it.
   c.distribution.collective_timeout = 600.0
 
   c.precision = ml_collections.ConfigDict()
   c.precision.policy = "float32"
+  # mixed_float16: a loss scale below this means every step overflows and
+  # none is applied: the run has diverged (exit 3, train.nan_recovery)
+  c.precision.min_loss_scale = 1.0
 
   c.callbacks = ml_collections.ConfigDict()
   c.callbacks.progress_bar = True  # Keras Progbar with ETA (chief)
@@ -152,6 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive(config.train.grad_accum_steps, "train.grad_accum_steps")
   _positive(config.train.max_checkpoints, "train.max_checkpoints")
   _positive(config.optimizer.learning_rate, "optimizer.learning_rate", float)
+  _non_negative(config.precision.min_loss_scale, "precision.min_loss_scale")
   _positive(config.distribution.num_cpu_devices,
             "distribution.num_cpu_devices")
   _non_negative(config.optimizer.global_clipnorm, "optimizer.global_clipnorm")

@@ -250,6 +250,17 @@ def train_input_fn(source: Source, *, global_batch_size: int, seed: int,
                   start_step=start_step)
 
 
+def check_train_batch(source: Source, per_replica_batch: int) -> None:
+  """Refuses a per-replica batch larger than an in-memory training set
+  (the step-addressed stream cuts each epoch into batches)."""
+  if source.train_arrays is not None:
+    num_examples = len(source.train_arrays[1])
+    if per_replica_batch > num_examples:
+      raise DataError(f"a per-replica batch of {per_replica_batch} is larger "
+                      f"than the {num_examples} training examples; lower "
+                      "data.global_batch_size")
+
+
 def check_batch_size(global_batch_size: int, num_parts: int,
                      key: str = "data.global_batch_size",
                      parts: str = "replicas") -> None:

@@ -18,14 +18,17 @@ class DataError(UserError):
 
 
 class TrainingDiverged(RuntimeError):
-  """The training loss became NaN or inf (without a loss scale to absorb it).
+  """Training can no longer make progress: the loss became NaN or inf
+  (without a loss scale to absorb it), or under mixed_float16 the loss scale
+  fell below its floor (every step overflows, none is applied).
 
   Attributes:
     step: the global step after the host loop in which it happened.
-    loss: the non-finite loss value.
+    loss: the loss of that host loop.
   """
 
-  def __init__(self, step: int, loss: float):
-    super().__init__(f"the training loss is {loss} after global step {step}")
+  def __init__(self, step: int, loss: float, reason: str = ""):
+    super().__init__(reason or
+                     f"the training loss is {loss} after global step {step}")
     self.step, self.loss = step, loss
     self.checkpoint = None  # the last good checkpoint, if the run keeps any

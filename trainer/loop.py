@@ -19,7 +19,8 @@ from trainer.agreement import WorkerAgreement
 from trainer.errors import TrainingDiverged
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
 from trainer.strategy import is_chief, num_workers
-from trainer.step import ComputeLoss, TrainStep, make_compute_loss
+from trainer.step import (ComputeLoss, TrainStep, call_nonempty,
+                          make_compute_loss)
 
 DatasetLike = tf.data.Dataset | Callable[[tf.distribute.InputContext],
                                          tf.data.Dataset]
@@ -65,6 +66,10 @@ class Trainer:
       accumulation: the same update with 1/k of the activation memory).
     pruning: magnitude pruning of the model's kernels on this schedule
       (`trainer.pruner` holds the masks; logs gain `sparsity`).
+    min_loss_scale: under mixed_float16, the run has diverged (fit raises
+      TrainingDiverged) when the loss scale falls below this: steps keep
+      overflowing at a scale that no longer amplifies the gradients, so
+      none is applied.
   """
 
   def __init__(self, *, model: keras.Model, optimizer, loss=None,
@@ -73,7 +78,8 @@ class Trainer:
                strategy: tf.distribute.Strategy | None = None,
                steps_per_loop: int = 1, global_clipnorm: float = 0.0,
                jit_compile: bool = False, grad_accum_steps: int = 1,
-               pruning: PruningSchedule | None = None):
+               pruning: PruningSchedule | None = None,
+               min_loss_scale: float = 1.0):
     if (loss is None) == (compute_loss is None):
       raise ValueError("pass exactly one of `loss` and `compute_loss`")
     if steps_per_loop < 1:
@@ -81,6 +87,7 @@ class Trainer:
     self.strategy = strategy or tf.distribute.get_strategy()
     self.model = model
     self.steps_per_loop = int(steps_per_loop)
+    self.min_loss_scale = float(min_loss_scale)
     self._compute_loss = compute_loss or make_compute_loss(_resolve_loss(loss))
     policy = keras.mixed_precision.dtype_policy().name
     with self.strategy.scope():
@@ -106,6 +113,9 @@ class Trainer:
     self.agreement = WorkerAgreement(self.strategy, self.num_workers)
     self._preempt_requested = False
     self.preempted = False  # the run stopped early on request_preemption()
+    # A trainer.watchdog.Watchdog told of every host-loop boundary (set by
+    # trainer.run for multi-worker jobs), or None.
+    self.watchdog = None
     self._eval_loop = tf.function(self._eval_loop_fn)
 
   @property
@@ -178,10 +188,14 @@ class Trainer:
     if reset_metrics:
       for metric in self.train_metrics:
         metric.reset_state()
+    first = int(self.global_step.numpy())
+    self._beat(f"train steps {first}-{first + num_steps}")
     start = time.perf_counter()
     out = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
     out = {k: v.numpy() for k, v in out.items()}
     elapsed = time.perf_counter() - start
+    self._beat(f"the callbacks after step {first + int(out['steps'])} "
+               "(logging, checkpoint)")
     steps = int(out["steps"])
     logs = {"loss": float(out["loss_sum"] / max(out["count"], 1.0)),
             "steps": steps, "examples": int(out["count"]),
@@ -205,7 +219,8 @@ class Trainer:
     return float(keras.ops.convert_to_numpy(inner.learning_rate))
 
   def _eval_step(self, batch):
-    per_example, y_pred = self._compute_loss(self.model, batch, False)
+    per_example, y_pred = call_nonempty(self._compute_loss, self.model, batch,
+                                        False)
     _, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
     self._eval_loss.update_state(per_example)
     for metric in self.eval_metrics:
@@ -223,7 +238,9 @@ class Trainer:
     """
     for metric in self.eval_metrics + [self._eval_loss]:
       metric.reset_state()
+    self._beat("evaluation")
     self._eval_loop(self.distribute(data))
+    self._beat("the callbacks after an evaluation")
     logs = {"loss": float(self._eval_loss.result()),
             "num_examples": int(self._eval_loss.count.numpy())}
     for metric in self.eval_metrics:
@@ -236,6 +253,22 @@ class Trainer:
     callback_list.on_test_end(eval_logs)
     return eval_logs
 
+  def _check_diverged(self, step: int, logs: dict) -> None:
+    """Raises TrainingDiverged if the run can no longer make progress."""
+    if self.step.loss_scale is None:
+      if not math.isfinite(logs["loss"]):
+        raise TrainingDiverged(step, logs["loss"])
+    elif logs["loss_scale"] < self.min_loss_scale:
+      raise TrainingDiverged(step, logs["loss"], (
+          f"the loss scale fell to {logs['loss_scale']:g}, below "
+          f"precision.min_loss_scale={self.min_loss_scale:g}, by global step "
+          f"{step} (loss {logs['loss']:g}): every step overflows in float16 "
+          "and none is applied"))
+
+  def _beat(self, what: str) -> None:
+    if self.watchdog is not None:
+      self.watchdog.beat(what)
+
   def request_preemption(self) -> None:
     """Asks the run to stop at the next host-loop boundary (e.g. on SIGTERM).
 
@@ -246,6 +279,7 @@ class Trainer:
 
   def barrier(self) -> None:
     """Returns when every worker has called it (a no-op on one host)."""
+    self._beat("the barrier at the end of the run")
     self.agreement.barrier()
 
   def check_same_step(self) -> None:
@@ -341,8 +375,7 @@ class Trainer:
         if out["steps"] == 0:
           break
         step = int(self.global_step.numpy())
-        if self.step.loss_scale is None and not math.isfinite(out["loss"]):
-          raise TrainingDiverged(step, out["loss"])  # before any callback
+        self._check_diverged(step, out)  # before any callback
         loss_sum += out.pop("loss_sum")
         examples += out["examples"]
         logs = {**out, "loop_loss": out["loss"],

@@ -149,6 +149,12 @@ class Pruner:
     return zeros / sum(int(k.value.shape.num_elements()) for k in self.kernels)
 
 
+def default_end_step(total_steps: int) -> int:
+  """`pruning.end_step=0`: three quarters of the run, so the pruned model
+  trains for the last quarter with fixed masks."""
+  return max(total_steps * 3 // 4, 1)
+
+
 def schedule_from_config(cfg: ml_collections.ConfigDict,
                          total_steps: int) -> PruningSchedule | None:
   """The config's `pruning` section as a schedule; None when off.
@@ -161,6 +167,6 @@ def schedule_from_config(cfg: ml_collections.ConfigDict,
   return PruningSchedule(
       target_sparsity=float(cfg.target_sparsity),
       begin_step=int(cfg.begin_step),
-      end_step=int(cfg.end_step) or max(total_steps * 3 // 4, 1),
+      end_step=int(cfg.end_step) or default_end_step(total_steps),
       frequency=int(cfg.frequency), initial_sparsity=float(
           cfg.initial_sparsity), power=float(cfg.power), exclude=cfg.exclude)

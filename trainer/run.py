@@ -28,6 +28,7 @@ from trainer import strategy as strategy_lib
 from trainer.checkpoint import CheckpointEvery, Checkpointer
 from trainer.errors import ConfigError, TrainingDiverged
 from trainer.loop import Trainer
+from trainer.watchdog import Watchdog
 
 TESTING_STEPS = 6  # train steps in --testing mode
 TESTING_EVAL_BATCHES = 4
@@ -76,21 +77,47 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
-def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
-                        allow_change: bool) -> dict | None:
-  """Refuses to resume `workdir` with a config that changes the run.
+def _as_flat_json(config: ml_collections.ConfigDict) -> dict:
+  return _flatten(json.loads(json.dumps(config.to_dict(), default=list)))
 
-  Returns the saved config, flattened to dotted keys, or None if new.
-  """
+
+def read_saved_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """WORKDIR/config.json of a run in `workdir` (with every key added to the
+  framework since then at its default), or None for a new workdir."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return None
-  as_json = lambda c: _flatten(json.loads(json.dumps(c.to_dict(),
-                                                    default=list)))
   with open(path, encoding="utf-8") as f:
-    # A key added to the framework after the run started has its default.
-    saved = as_json(config_lib.with_defaults(json.load(f)))
-  new = as_json(config)
+    saved = config_lib.with_defaults(json.load(f))
+  if saved.pruning.target_sparsity and not saved.pruning.end_step:
+    # written before the schedule was fixed at the start of a run
+    saved.pruning.end_step = pruning.default_end_step(saved.train.steps)
+  return saved
+
+
+def fix_pruning_schedule(config: ml_collections.ConfigDict,
+                         saved: ml_collections.ConfigDict | None) -> None:
+  """Resolves `pruning.end_step=0` once, when the run starts: a resumed run
+  keeps its schedule even if it is extended (`train.steps` raised)."""
+  if config.pruning.target_sparsity and not config.pruning.end_step:
+    config.pruning.end_step = (
+        saved.pruning.end_step if saved and saved.pruning.end_step else
+        pruning.default_end_step(config.train.steps))
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
+                        saved_config: ml_collections.ConfigDict | None,
+                        allow_change: bool) -> dict | None:
+  """Refuses to resume `workdir` with a config that changes the run.
+
+  Args:
+    saved_config: `read_saved_config(workdir)`.
+
+  Returns the saved config, flattened to dotted keys, or None if new.
+  """
+  if saved_config is None:
+    return None
+  saved, new = _as_flat_json(saved_config), _as_flat_json(config)
   changed = sorted(
       k for k in set(saved) | set(new)
       if saved.get(k) != new.get(k) and any(
@@ -117,6 +144,15 @@ def steps_per_epoch(config: ml_collections.ConfigDict,
   return max(1, info.num_train // config.data.global_batch_size)
 
 
+def _per_replica_spec(source: data_lib.Source,
+                      config: ml_collections.ConfigDict, replicas: int):
+  """The TensorSpec nest of one replica's training batch."""
+  per_replica = config.data.global_batch_size // replicas
+  return tf.nest.map_structure(
+      lambda s: tf.TensorSpec([per_replica, *s.shape], s.dtype),
+      source.train.element_spec)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | None, *,
         testing: bool = False, allow_config_change: bool = False,
         callbacks: Sequence[keras.callbacks.Callback] = ()) -> RunResult:
@@ -131,11 +167,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
     UserError (ConfigError, DataError): bad input, before any file is written.
   """
   config_lib.validate(config)
+  config = config.copy_and_resolve_references()  # run() fills in defaults
   if testing:
     config = testing_config(config)
   strategy = strategy_lib.build_strategy(
-      config.distribution.strategy, config.distribution.num_cpu_devices,
-      collective_timeout=config.distribution.collective_timeout)
+      config.distribution.strategy, config.distribution.num_cpu_devices)
   n = strategy.num_replicas_in_sync
   data_lib.check_batch_size(config.data.global_batch_size,
                             n * config.train.grad_accum_steps,
@@ -150,6 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
     tf.config.experimental.enable_op_determinism()
 
   source = data_lib.load_source(config.data, config.seed)
+  data_lib.check_train_batch(source, config.data.global_batch_size // n)
   eval_examples = source.eval
   if testing:
     eval_examples = eval_examples.take(TESTING_EVAL_BATCHES *
@@ -157,6 +194,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   eval_fn = data_lib.input_fn(
       eval_examples, global_batch_size=config.data.eval_batch_size,
       training=False)
+  saved = None  # the saved config of a resumed run, flattened
+  if workdir and not testing:
+    saved_config = read_saved_config(workdir)
+    fix_pruning_schedule(config, saved_config)
+    saved = check_resume_config(workdir, config, saved_config,
+                                allow_config_change)
+  else:
+    fix_pruning_schedule(config, None)
 
   with strategy.scope():
     model = models.build_model(config.model, source.info)
@@ -171,7 +216,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
       global_clipnorm=config.optimizer.global_clipnorm,
       jit_compile=config.train.jit_compile,
       grad_accum_steps=config.train.grad_accum_steps,
+      min_loss_scale=config.precision.min_loss_scale,
       pruning=pruning.schedule_from_config(config.pruning, config.train.steps))
+  if config.train.jit_compile and config.train.deterministic:
+    trainer.step.check_compiles(_per_replica_spec(source, config, n))
 
   callbacks = [*callbacks, *callbacks_lib.build_callbacks(
       config, workdir, testing=testing)]
@@ -184,16 +232,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
     raise ConfigError(
         f"--testing would overwrite the run in {workdir} (its config.json "
         "and metrics.jsonl); omit --workdir or give an empty one")
-  saved = None
-  if workdir and not testing:
-    saved = check_resume_config(workdir, config, allow_config_change)
-  if workdir and chief:
-    os.makedirs(workdir, exist_ok=True)
-    # Atomic: other workers may be reading the previous one to compare.
-    tmp = os.path.join(workdir, f".config.json.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
-    os.replace(tmp, os.path.join(workdir, "config.json"))
+  if trainer.num_workers > 1 and config.distribution.collective_timeout:
+    trainer.watchdog = Watchdog(
+        config.distribution.collective_timeout,
+        name=f"worker {strategy.cluster_resolver.task_id}")
   if workdir and not testing:
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), model=model,
@@ -214,6 +256,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
       logging.info("learning rate set to %g from the config", new_lr)
     callbacks.append(CheckpointEvery(checkpointer,
                                      config.train.checkpoint_every))
+  if workdir and chief:  # every check has passed: the first write
+    os.makedirs(workdir, exist_ok=True)
+    # Atomic: other workers may be reading the previous one to compare.
+    tmp = os.path.join(workdir, f".config.json.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
+    os.replace(tmp, os.path.join(workdir, "config.json"))
 
   start = time.perf_counter()
   previous_handler = signal.getsignal(signal.SIGTERM)
@@ -223,6 +272,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   try:
     logs = _fit_with_recovery(trainer, config, source, eval_fn, callbacks,
                               checkpointer)
+    if "eval/loss" not in logs and not trainer.preempted:
+      # resumed at or past train.steps: nothing to train, report the model
+      logs.update({f"eval/{k}": v
+                   for k, v in trainer.evaluate(eval_fn).items()})
   finally:
     if threading.current_thread() is threading.main_thread():
       signal.signal(signal.SIGTERM, previous_handler)
@@ -232,6 +285,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   # stops a job when its first task exits (srun --kill-on-bad-exit) must not
   # cut the chief's last checkpoint short.
   trainer.barrier()
+  if trainer.watchdog:
+    trainer.watchdog.close()
   device = strategy.extended.worker_devices[0]
   return RunResult(logs=logs, steps=int(trainer.global_step.numpy()),
                    seconds=time.perf_counter() - start, device=device,

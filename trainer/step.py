@@ -54,6 +54,37 @@ def make_compute_loss(loss_fn: Callable) -> ComputeLoss:
   return compute_loss
 
 
+def call_nonempty(compute_loss: ComputeLoss, model, batch, training):
+  """`compute_loss` on this replica's batch, never on an empty one.
+
+  A replica can receive zero examples (a partial last batch smaller than
+  the replica count, or one that ends before this replica's turn). oneDNN's
+  convolution returns a wrongly shaped result on an empty batch (measured:
+  [0, 8, 8, 1] -> [0, 8, 8, 1] for a 32-filter Conv2D; DESIGN.md fact 17),
+  so an empty batch gets one zero row, and the outputs are cut back to the
+  real rows: the per-example loss [n] and predictions [n, ...] of the n real
+  examples, whatever the model. Static (full) batches pass unchanged.
+  """
+  first = tf.nest.flatten(batch)[0]
+  if first.shape[0] is not None:
+    return compute_loss(model, batch, training)
+  n = tf.shape(first)[0]
+  pad = tf.maximum(1 - n, 0)
+  padded = tf.nest.map_structure(
+      lambda t: tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)), batch)
+  per_example, y_pred = compute_loss(model, padded, training)
+  return per_example[:n], tf.nest.map_structure(lambda t: t[:n], y_pred)
+
+
+def replica_statistics(model) -> list:
+  """The model's non-trainable float variables that each replica updates on
+  its own: batch-norm moving statistics (Keras 3 gives them no aggregation,
+  so under MirroredStrategy each replica keeps a different copy; DESIGN.md
+  fact 19). The train step averages them over the replicas every step."""
+  return [v for v in model.non_trainable_variables
+          if v.aggregation == "none" and "float" in str(v.dtype)]
+
+
 def _has_synchronized_bn(model) -> bool:
   return any(isinstance(layer, keras.layers.BatchNormalization) and
              getattr(layer, "synchronized", False)
@@ -122,8 +153,40 @@ class TrainStep:
           "all-reduce in a nested graph: 'merge_call called while defining "
           "a new graph'); turn off model.sync_batch_norm, or "
           f"{'train.jit_compile' if jit_compile else 'train.grad_accum_steps'}")
+    self._statistics = (replica_statistics(model)
+                        if strategy.num_replicas_in_sync > 1 else [])
     self._local_grads = (tf.function(self._local_grads_fn, jit_compile=True)
                          if jit_compile else self._local_grads_fn)
+
+  def check_compiles(self, batch_spec) -> None:
+    """Lowers the XLA-compiled part of the step to HLO, running nothing.
+
+    Args:
+      batch_spec: a nest of tf.TensorSpec, one replica's training batch.
+
+    Raises:
+      ConfigError: XLA refuses an op of the model, e.g. under
+        `enable_op_determinism()` MaxPool's gradient ("GPU MaxPool gradient
+        ops do not yet have a deterministic XLA implementation", even on a
+        CPU; DESIGN.md fact 18).
+    """
+    if not isinstance(self._local_grads, tf.types.experimental.PolymorphicFunction):
+      return  # not jit-compiled
+    rows = lambda s: [s.shape[0] // self.accum_steps, *s.shape[1:]]
+    batch = tf.nest.map_structure(lambda s: tf.zeros(rows(s), s.dtype),
+                                  batch_spec)
+    try:
+      with self.strategy.scope():
+        self._local_grads.experimental_get_compiler_ir(
+            batch, tf.constant(1.0))(stage="hlo")
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError,
+            ValueError) as e:  # ValueError: "Failed getting HLO text: ..."
+      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      first = first.replace("Failed getting HLO text: '", "")
+      raise ConfigError(
+          f"XLA cannot compile this model's train step with "
+          f"train.deterministic=True ({first.rstrip('.')}); turn off "
+          "train.jit_compile or train.deterministic") from None
 
   @property
   def loss_scale(self) -> tf.Variable | None:
@@ -147,7 +210,8 @@ class TrainStep:
   def _local_grads_fn(self, batch, global_count):
     variables = self.model.trainable_variables
     with tf.GradientTape() as tape:
-      per_example, y_pred = self._compute_loss(self.model, batch, True)
+      per_example, y_pred = call_nonempty(self._compute_loss, self.model,
+                                          batch, True)
       loss_sum = tf.reduce_sum(per_example)
       loss = loss_sum / global_count
       if self.model.losses:  # regularizers: identical on every replica
@@ -210,10 +274,16 @@ class TrainStep:
     else:
       grads, loss_sum, count = self._accumulated_grads(batch, global_count)
     if self.strategy.num_replicas_in_sync > 1:  # one replica: already global
+      # One all-reduce: gradients, loss, count, and each replica's moving
+      # statistics weighted by its examples (an empty replica counts 0).
+      stats = [tf.cast(v.value, tf.float32) * count for v in self._statistics]
       ctx = tf.distribute.get_replica_context()
       reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                               grads + [loss_sum, count])
-      grads, loss_sum, count = reduced[:-2], reduced[-2], reduced[-1]
+                               grads + [loss_sum, count] + stats)
+      k = len(grads)
+      grads, loss_sum, count = reduced[:k], reduced[k], reduced[k + 1]
+      for v, total in zip(self._statistics, reduced[k + 2:]):
+        v.assign(tf.cast(total / count, v.dtype))
     if self.loss_scaled:
       finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
                               for g in grads])

@@ -227,8 +227,8 @@ def _slurm_resolver() -> SlurmResolver:
                        port_base=slurm_port_base())
 
 
-def build_strategy(name: str = "auto", num_cpu_devices: int = 1, *,
-                   collective_timeout: float = 0.0) -> tf.distribute.Strategy:
+def build_strategy(name: str = "auto", num_cpu_devices: int = 1
+                  ) -> tf.distribute.Strategy:
   """Returns the strategy for `name`.
 
   Args:
@@ -237,9 +237,11 @@ def build_strategy(name: str = "auto", num_cpu_devices: int = 1, *,
       `one_device` or `multi_worker` (cluster from TF_CONFIG, else from the
       SLURM job step this process is a task of).
     num_cpu_devices: logical CPU devices to create when there is no GPU.
-    collective_timeout: multi_worker only: seconds after which a collective
-      (all-reduce) that has not completed fails with DeadlineExceededError,
-      so a hung peer ends the job instead of blocking it forever (0 = never).
+
+  Collectives run without a timeout: TensorFlow keeps one OS thread alive
+  per collective for the whole timeout (DESIGN.md fact 15). A dead or frozen
+  worker is caught by TensorFlow's coordination service (heartbeats); a
+  stuck one by trainer.watchdog.
   """
   if num_cpu_devices > 1:
     configure_cpu_devices(num_cpu_devices)
@@ -250,9 +252,7 @@ def build_strategy(name: str = "auto", num_cpu_devices: int = 1, *,
     else:
       _check_tf_config()
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        cluster_resolver=resolver,
-        communication_options=tf.distribute.experimental.CommunicationOptions(
-            timeout_seconds=collective_timeout or None))
+        cluster_resolver=resolver)
     logging.info("strategy MultiWorkerMirroredStrategy: %d replica(s), "
                  "cluster %s, this task %s %s", strategy.num_replicas_in_sync,
                  strategy.cluster_resolver.cluster_spec().as_dict(),

@@ -19,12 +19,13 @@ import ml_collections
 
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
 from trainer.callbacks.best_model import BestModelExport
+from trainer.callbacks.csv_log import EpochCSVLogger
 from trainer.callbacks.metrics_log import MetricsLogger, read_metrics
 from trainer.callbacks.progress import ProgressBar
 from trainer.callbacks.tensorboard import TensorBoardScalars
 from trainer.errors import ConfigError
 
-__all__ = ["BestModelExport", "MetricsLogger", "ProgressBar",
+__all__ = ["BestModelExport", "EpochCSVLogger", "MetricsLogger", "ProgressBar",
            "TensorBoardScalars", "TrainerCallback", "build_callbacks",
            "load_custom_callbacks", "read_metrics", "runs_on_chief_only"]
 
@@ -76,8 +77,7 @@ def build_callbacks(config: ml_collections.ConfigDict, workdir: str | None,
     callbacks.append(TensorBoardScalars(os.path.join(workdir, "tensorboard"),
                                         cfg.profile_steps))
   if workdir and cfg.csv_log:
-    callbacks.append(keras.callbacks.CSVLogger(
-        os.path.join(workdir, "log.csv"), append=True))
+    callbacks.append(EpochCSVLogger(os.path.join(workdir, "log.csv")))
   if workdir and cfg.best_model.monitor:
     callbacks.append(BestModelExport(
         os.path.join(workdir, "best"), monitor=cfg.best_model.monitor,
