@@ -28,11 +28,9 @@ class MetricsLogger(TrainerCallback):
   def __init__(self, path: str | None):
     super().__init__()
     self.path = path
-    self.records: list[dict] = []
     self._epochs = 0
 
   def _write(self, record: dict) -> None:
-    self.records.append(record)
     if self.path:
       with open(self.path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
