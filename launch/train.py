@@ -14,6 +14,7 @@ Exit status: 0 done; 1 --testing FAIL; 2 bad input (one `error: ...` line);
 """
 
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,9 +23,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# New keys are accepted here so that `--config.user.KEY=VALUE` can add one;
+# every key outside `user` is then checked by trainer.config.validate (a typo
+# is an error there, with the closest known key).
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (ml_collections), e.g. configs/digits.py. "
-    "Override any key with --config.KEY=VALUE.", lock_config=True)
+    "Override any key with --config.KEY=VALUE; your own code's settings go "
+    "under --config.user.KEY=VALUE.", lock_config=False,
+    accept_new_attributes=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/."
     " The same command on the same workdir resumes from the last checkpoint."
@@ -57,6 +63,26 @@ def _config_path(argv: list[str]) -> str | None:
   return None
 
 
+def _missing_section(argv: list[str], error: str) -> str:
+  """The message for a --config.A.B... flag whose section A does not exist
+  (`error` names A in quotes)."""
+  from trainer import config as config_lib  # pylint: disable=import-outside-toplevel
+  names = re.findall(r"'(\w+)", error)
+  for arg in argv:
+    parts = arg[len("--config."):].split("=", 1)[0].split(".")
+    name = next((n for n in names if n in parts[:-1]), None)
+    if arg.startswith("--config.") and name:
+      section = ".".join(parts[:parts.index(name) + 1])
+      if section.startswith(config_lib.USER_SECTION + "."):
+        return (f"{arg}: there is no section {section!r} to add a key to; "
+                f"declare it in the config file (c.{section} = "
+                "ml_collections.ConfigDict()) or set it whole, e.g. "
+                f"--config.{section}=\"{{'key': 1}}\"")
+      return str(config_lib.unknown_key(section))
+  return (f"cannot apply a --config.* flag: {error.splitlines()[0]}; every "
+          "key is listed with its default in trainer/config.py")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors instead of a usage dump."""
   path = _config_path(argv)
@@ -67,10 +93,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-  except (AttributeError, KeyError) as e:  # --config.KEY that is not in it
-    key = str(e).strip("\"'")
-    fail(f"unknown config key {key!r} in a --config.* flag; every key is "
-         "listed with its default in trainer/config.py")
+  except (AttributeError, KeyError) as e:  # --config.A.B whose A is not in it
+    fail(_missing_section(argv, str(e.args[0]) if e.args else str(e)))
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()
     fail(f"cannot load the config {path!r}: {type(e).__name__}: "
