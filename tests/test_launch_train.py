@@ -171,6 +171,7 @@ def test_user_keys_come_from_the_config_file_and_the_command_line(tmp_path):
                     "--config.user.nested={'k': (1, 2)}", timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert sorted(os.listdir(tmp_path)) == ["my_config.py", "run"]  # no probe
   assert saved["user"] == {"declared": 7, "model": {"heads": 8}, "new": "abc",
                            "nested": {"k": [1, 2]}}
   # A key in a new nested section: its section must exist first.
@@ -184,6 +185,26 @@ def test_user_keys_come_from_the_config_file_and_the_command_line(tmp_path):
       "ml_collections.ConfigDict()) or set it whole, e.g. "
       "--config.user.sub=\"{'key': 1}\"")
   assert not (tmp_path / "run2").exists()
+
+
+@pytest.mark.parametrize("workdir,problem", [
+    ("/proc/no_such_run",
+     "creating a file in /proc failed (No such file or directory)"),
+    ("FILE/run", "FILE is a file, not a directory"),
+    ("FILE", "FILE is a file, not a directory"),
+])
+def test_a_workdir_that_cannot_be_written_is_one_line_and_exit_2(
+    workdir, problem, tmp_path):
+  (tmp_path / "file").write_text("not a directory")
+  workdir = workdir.replace("FILE", str(tmp_path / "file"))
+  proc = run_module("launch.train", "--config=configs/digits.py",
+                    f"--workdir={workdir}", timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: --workdir {workdir} cannot be written: "
+      f"{problem.replace('FILE', str(tmp_path / 'file'))}; choose a "
+      "directory you can write to")
+  assert os.listdir(tmp_path) == ["file"]  # the probe left nothing behind
 
 
 def test_testing_mode_refuses_a_workdir_that_holds_a_run(tmp_path):

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from typing import Sequence
@@ -107,6 +108,28 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
       "use a new --workdir, or pass --allow_config_change to resume anyway")
 
 
+def check_workdir_writable(workdir: str) -> None:
+  """Raises ConfigError if `workdir` cannot be created or written to.
+
+  Creates and removes a file in the workdir, or in its nearest existing
+  ancestor if the workdir does not exist yet: nothing is left behind.
+  """
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  problem = f"{existing} is a file, not a directory"
+  if os.path.isdir(existing):
+    try:
+      fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=existing)
+      os.close(fd)
+      os.remove(probe)
+      return
+    except OSError as e:
+      problem = f"creating a file in {existing} failed ({e.strerror})"
+  raise ConfigError(f"--workdir {workdir} cannot be written: {problem}; "
+                    "choose a directory you can write to")
+
+
 def steps_per_epoch(config: ml_collections.ConfigDict,
                     info: data_lib.DataInfo) -> int:
   """`train.steps_per_epoch`, or one pass over the training set if 0."""
@@ -187,6 +210,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   saved = None
   if workdir and not testing:
     saved = check_resume_config(workdir, config, allow_config_change)
+  if workdir:
+    check_workdir_writable(workdir)
   if workdir and chief:
     os.makedirs(workdir, exist_ok=True)
     # Atomic: other workers may be reading the previous one to compare.
