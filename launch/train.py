@@ -10,7 +10,9 @@ PASS, 1 on FAIL. The same command on the same workdir resumes.
 
 Exit status: 0 done; 1 --testing FAIL; 2 bad input (one `error: ...` line);
 3 training diverged (NaN/inf loss in float32; checkpoints kept intact);
-75 preempted by SIGTERM (checkpoint saved at the next step boundary).
+4 a checkpoint could not be written (disk full; the last complete one is
+intact and the same command resumes from it); 75 preempted by SIGTERM
+(checkpoint saved at the next step boundary).
 """
 
 import os
@@ -45,6 +47,7 @@ _TESTING = flags.DEFINE_bool(
 EXIT_FAILED = 1  # a --testing FAIL, or a bug (with its traceback)
 EXIT_USAGE = 2  # bad input: one `error: ...` line
 EXIT_DIVERGED = 3  # NaN/inf loss in float32: stopped, checkpoints intact
+EXIT_CHECKPOINT_FAILED = 4  # a save failed (disk full); the last one intact
 EXIT_PREEMPTED = 75  # SIGTERM: checkpoint saved; rerun the command to resume
 
 
@@ -109,6 +112,7 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value and not _TESTING.value:
     fail("--workdir is required (it may be omitted with --testing)")
   from trainer import run as run_lib  # pylint: disable=import-outside-toplevel
+  from trainer.checkpoint import CheckpointWriteError  # pylint: disable=import-outside-toplevel
   from trainer.errors import TrainingDiverged, UserError  # pylint: disable=import-outside-toplevel
   config_path = flags.FLAGS["config"].config_filename
   try:
@@ -126,6 +130,9 @@ def main(argv: list[str]) -> None:
           "optimizer.learning_rate or set optimizer.global_clipnorm",
           file=sys.stderr)
     sys.exit(EXIT_DIVERGED)
+  except CheckpointWriteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_CHECKPOINT_FAILED)
   except Exception as e:  # pylint: disable=broad-except
     if not _TESTING.value:
       raise
