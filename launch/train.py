@@ -71,10 +71,10 @@ def _missing_section(argv: list[str], error: str) -> str:
   (`error` names A in quotes)."""
   from trainer import config as config_lib  # pylint: disable=import-outside-toplevel
   names = re.findall(r"'(\w+)", error)
-  for arg in argv:
+  for arg in (a for a in argv if a.startswith("--config.")):
     parts = arg[len("--config."):].split("=", 1)[0].split(".")
     name = next((n for n in names if n in parts[:-1]), None)
-    if arg.startswith("--config.") and name:
+    if name:
       section = ".".join(parts[:parts.index(name) + 1])
       if section.startswith(config_lib.USER_SECTION + "."):
         return (f"{arg}: there is no section {section!r} to add a key to; "
