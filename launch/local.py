@@ -10,6 +10,11 @@ worker. If a worker fails, the others are stopped and the launcher exits
 with status 1, naming the worker; it exits 0 when every worker succeeds, and
 75 when the workers were preempted (SIGTERM: they agreed on a step, saved a
 checkpoint and exited 75; rerun the same command to resume).
+
+Trust: each worker's TensorFlow gRPC server listens on all interfaces at its
+TF_CONFIG port, with no authentication (TensorFlow 2.21 cannot bind it to
+loopback); whoever reaches the port can run ops in the job. Use it only on a
+machine and network you trust (README.md, Trust boundary).
 """
 
 import json

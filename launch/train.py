@@ -13,10 +13,13 @@ Exit status: 0 done; 1 --testing FAIL; 2 bad input (one `error: ...` line);
 loss scale below precision.min_loss_scale; checkpoints kept intact);
 4 stalled (multi-worker: no host-loop progress for
 distribution.collective_timeout seconds; trainer/watchdog.py);
+5 a checkpoint could not be written (disk full; the last complete one is
+intact and the same command resumes from it);
 75 preempted by SIGTERM (checkpoint saved at the next step boundary).
 """
 
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,9 +28,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# New keys are accepted here so that `--config.user.KEY=VALUE` can add one;
+# every key outside `user` is then checked by trainer.config.validate (a typo
+# is an error there, with the closest known key).
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (ml_collections), e.g. configs/digits.py. "
-    "Override any key with --config.KEY=VALUE.", lock_config=True)
+    "Override any key with --config.KEY=VALUE; your own code's settings go "
+    "under --config.user.KEY=VALUE.", lock_config=False,
+    accept_new_attributes=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/."
     " The same command on the same workdir resumes from the last checkpoint."
@@ -42,6 +50,7 @@ _TESTING = flags.DEFINE_bool(
 EXIT_FAILED = 1  # a --testing FAIL, or a bug (with its traceback)
 EXIT_USAGE = 2  # bad input: one `error: ...` line
 EXIT_DIVERGED = 3  # cannot make progress (NaN loss, loss scale floor)
+EXIT_CHECKPOINT_FAILED = 5  # a save failed (disk full); the last one intact
 EXIT_PREEMPTED = 75  # SIGTERM: checkpoint saved; rerun the command to resume
 
 
@@ -60,6 +69,26 @@ def _config_path(argv: list[str]) -> str | None:
   return None
 
 
+def _missing_section(argv: list[str], error: str) -> str:
+  """The message for a --config.A.B... flag whose section A does not exist
+  (`error` names A in quotes)."""
+  from trainer import config as config_lib  # pylint: disable=import-outside-toplevel
+  names = re.findall(r"'(\w+)", error)
+  for arg in (a for a in argv if a.startswith("--config.")):
+    parts = arg[len("--config."):].split("=", 1)[0].split(".")
+    name = next((n for n in names if n in parts[:-1]), None)
+    if name:
+      section = ".".join(parts[:parts.index(name) + 1])
+      if section.startswith(config_lib.USER_SECTION + "."):
+        return (f"{arg}: there is no section {section!r} to add a key to; "
+                f"declare it in the config file (c.{section} = "
+                "ml_collections.ConfigDict()) or set it whole, e.g. "
+                f"--config.{section}=\"{{'key': 1}}\"")
+      return str(config_lib.unknown_key(section))
+  return (f"cannot apply a --config.* flag: {error.splitlines()[0]}; every "
+          "key is listed with its default in trainer/config.py")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors instead of a usage dump."""
   path = _config_path(argv)
@@ -70,10 +99,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-  except (AttributeError, KeyError) as e:  # --config.KEY that is not in it
-    key = str(e).strip("\"'")
-    fail(f"unknown config key {key!r} in a --config.* flag; every key is "
-         "listed with its default in trainer/config.py")
+  except (AttributeError, KeyError) as e:  # --config.A.B whose A is not in it
+    fail(_missing_section(argv, str(e.args[0]) if e.args else str(e)))
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()
     fail(f"cannot load the config {path!r}: {type(e).__name__}: "
@@ -88,6 +115,7 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value and not _TESTING.value:
     fail("--workdir is required (it may be omitted with --testing)")
   from trainer import run as run_lib  # pylint: disable=import-outside-toplevel
+  from trainer.checkpoint import CheckpointWriteError  # pylint: disable=import-outside-toplevel
   from trainer.errors import TrainingDiverged, UserError  # pylint: disable=import-outside-toplevel
   config_path = flags.FLAGS["config"].config_filename
   try:
@@ -105,6 +133,9 @@ def main(argv: list[str]) -> None:
           "optimizer.learning_rate or set optimizer.global_clipnorm",
           file=sys.stderr)
     sys.exit(EXIT_DIVERGED)
+  except CheckpointWriteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_CHECKPOINT_FAILED)
   except Exception as e:  # pylint: disable=broad-except
     if not _TESTING.value:
       raise

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run_module
+from test_config import TYPOS, write_config_file
 from trainer.callbacks import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -105,7 +106,9 @@ BAD_INPUT = [
      "data.global_batch_size must be a positive int"),
     (["--config.optimizer.learning_rate=0"],
      "optimizer.learning_rate must be a positive float"),
-    (["--config.train.nosuch=1"], "unknown config key 'nosuch'"),
+    (["--config.train.nosuch=1"], "unknown config key 'train.nosuch'"),
+    (["--config.train.stpes=5"], "did you mean 'train.steps'?"),
+    (["--config.optimzer.name=sgd"], "did you mean 'optimizer'?"),
     (["--config.train.steps=many"], "invalid literal for int"),
     (["--config.data.name=mnist", "--config.data.data_dir=EMPTY"],
      "is not in data_dir"),
@@ -150,6 +153,63 @@ def test_bad_config_file_is_one_line_and_exit_2(config_arg, message, tmp_path):
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and message in last
+
+
+@pytest.mark.parametrize("line", ["c.train.stpes = 5",
+                                  "c.optimzer = {'name': 'sgd'}"])
+def test_a_typo_in_a_config_file_is_one_line_and_exit_2(line, tmp_path):
+  workdir = tmp_path / "run"
+  proc = run_module("launch.train",
+                    f"--config={write_config_file(tmp_path, line)}",
+                    f"--workdir={workdir}", timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == f"error: {TYPOS[line]}"
+  assert not workdir.exists()
+
+
+def test_user_keys_come_from_the_config_file_and_the_command_line(tmp_path):
+  config = write_config_file(
+      tmp_path, "c.user.declared = 1; c.user.model = {'heads': 2}")
+  proc = run_module("launch.train", f"--config={config}", "--testing",
+                    f"--workdir={tmp_path / 'run'}", "--config.user.declared=7",
+                    "--config.user.model.heads=8", "--config.user.new=abc",
+                    "--config.user.nested={'k': (1, 2)}", timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert sorted(os.listdir(tmp_path)) == ["my_config.py", "run"]  # no probe
+  assert saved["user"] == {"declared": 7, "model": {"heads": 8}, "new": "abc",
+                           "nested": {"k": [1, 2]}}
+  # A key in a new nested section: its section must exist first.
+  proc = run_module("launch.train", f"--config={config}", "--testing",
+                    f"--workdir={tmp_path / 'run2'}", "--config.user.sub.x=5",
+                    timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --config.user.sub.x=5: there is no section 'user.sub' to add a "
+      "key to; declare it in the config file (c.user.sub = "
+      "ml_collections.ConfigDict()) or set it whole, e.g. "
+      "--config.user.sub=\"{'key': 1}\"")
+  assert not (tmp_path / "run2").exists()
+
+
+@pytest.mark.parametrize("workdir,problem", [
+    ("/proc/no_such_run",
+     "creating a file in /proc failed (No such file or directory)"),
+    ("FILE/run", "FILE is a file, not a directory"),
+    ("FILE", "FILE is a file, not a directory"),
+])
+def test_a_workdir_that_cannot_be_written_is_one_line_and_exit_2(
+    workdir, problem, tmp_path):
+  (tmp_path / "file").write_text("not a directory")
+  workdir = workdir.replace("FILE", str(tmp_path / "file"))
+  proc = run_module("launch.train", "--config=configs/digits.py",
+                    f"--workdir={workdir}", timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: --workdir {workdir} cannot be written: "
+      f"{problem.replace('FILE', str(tmp_path / 'file'))}; choose a "
+      "directory you can write to")
+  assert os.listdir(tmp_path) == ["file"]  # the probe left nothing behind
 
 
 def test_testing_mode_refuses_a_workdir_that_holds_a_run(tmp_path):

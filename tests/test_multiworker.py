@@ -3,8 +3,10 @@ MultiWorkerMirroredStrategy): the same numbers as one process with the same
 replicas, a killed or hung worker ends the job within a bounded time with
 nothing left running, and bad cluster input is one clear line."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +169,52 @@ def test_a_frozen_worker_ends_the_job_within_a_minute_by_default(tmp_path):
   assert "error: worker 0 exited with status" in err, err[-3000:]
   assert seconds < 60, seconds
   assert not left
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+  """(address, port) of the TCP sockets process `pid` listens on."""
+  inodes = set()
+  for fd in os.listdir(f"/proc/{pid}/fd"):
+    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    if link.startswith("socket:["):
+      inodes.add(link[len("socket:["):-1])
+  found = set()
+  for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+    with open(f"/proc/{pid}/net/{table}", encoding="utf-8") as f:
+      for row in f.read().splitlines()[1:]:
+        fields = row.split()
+        if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+          continue
+        address, port = fields[1].split(":")
+        raw = bytes.fromhex(address)  # 32-bit words in host (little) order
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+        found.add((socket.inet_ntop(family, raw), int(port, 16)))
+  return found
+
+
+def test_each_worker_listens_on_its_tf_config_port_on_every_interface(
+    tmp_path):
+  """What README.md's trust boundary says: TensorFlow 2.21 binds a worker's
+  gRPC server on all interfaces (`::`, dual-stack), at its TF_CONFIG port and
+  nowhere else. If TensorFlow ever binds to the cluster spec's host, this
+  fails: then bind launch.local to loopback and update the docs."""
+  proc = _start_job(tmp_path)
+  seen = {}
+
+  def record_and_preempt(pids):
+    for task, pid in pids.items():
+      with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0")
+                   if b"=" in kv)
+      cluster = json.loads(env[b"TF_CONFIG"])["cluster"]["worker"]
+      seen[task] = (int(cluster[task].rsplit(":", 1)[1]), _listening(pid))
+    proc.send_signal(signal.SIGTERM)
+
+  _, err, _, left = _disrupt(proc, tmp_path, record_and_preempt)
+  assert proc.returncode == 75, err[-3000:]
+  assert not left
+  for port, listening in seen.values():  # "::" is dual-stack: IPv4 too
+    assert listening in ({("::", port)}, {("0.0.0.0", port)}), listening
 
 
 BAD_CLUSTER = [

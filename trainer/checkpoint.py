@@ -14,7 +14,10 @@ step k reads the training stream at batch `k + input_offset`, where
 `input_offset` counts the batches skipped by NaN recovery (`recover`).
 """
 
+import contextlib
+import glob
 import math
+import os
 import shutil
 import tempfile
 
@@ -57,6 +60,31 @@ def model_state(model) -> dict:
   (batch norm) and the dropout seed generators' state.
   """
   return {v.path: v for v in model.variables}
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (a full disk, an I/O error).
+
+  The half-written checkpoint has been removed; the checkpoint state file
+  still names the last complete one, which the next run resumes from.
+
+  Attributes:
+    path: the checkpoint that could not be written.
+    intact: the last complete checkpoint, or None.
+  """
+
+  def __init__(self, path: str, intact: str | None, error: Exception):
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    problem = ("the disk is full" if "No space left on device" in detail
+               else f"writing failed ({detail})")
+    kept = (f"the last complete checkpoint, {intact}, is intact and the same "
+            "command resumes from it" if intact else
+            "there is no earlier checkpoint, the same command starts over")
+    fix = ("free some space (or lower train.max_checkpoints)"
+           if problem == "the disk is full" else "fix the cause")
+    super().__init__(f"{problem}: checkpoint {path} could not be written; "
+                     f"{kept}: {fix} and rerun")
+    self.path, self.intact = path, intact
 
 
 class Checkpointer:
@@ -206,20 +234,51 @@ class Checkpointer:
 
   def save(self) -> str:
     """Saves the current step once (a second call at the same step is a
-    no-op: an async save in flight is not rewritten)."""
+    no-op: an async save in flight is not rewritten).
+
+    Raises:
+      CheckpointWriteError: this save, or the async one before it, failed.
+    """
     step = int(self.checkpoint.global_step.numpy())
     if step == self._last_saved_step:
       return self._last_saved_path
-    self._last_saved_path = self.manager.save(checkpoint_number=step,
-                                              options=self._options)
+    in_flight = self._options.experimental_enable_async_checkpoint
+    path = os.path.join(self._scratch or self.directory, f"ckpt-{step}")
+    try:
+      self._last_saved_path = self.manager.save(checkpoint_number=step,
+                                                options=self._options)
+    except (tf.errors.OpError, OSError) as e:  # an async save fails here
+      failed = (self._last_saved_path if in_flight else None) or path
+      raise self._write_failed(failed, e) from None
     self._last_saved_step = step
     return self._last_saved_path
 
+  def _write_failed(self, path: str, error: Exception) -> CheckpointWriteError:
+    """Removes what the failed save of `path` left behind, unless the state
+    file already names it (then it was written completely)."""
+    state = tf.train.get_checkpoint_state(self.manager.directory)
+    if not state or path not in state.all_model_checkpoint_paths:
+      for leftover in glob.glob(glob.escape(path) + "[._]*"):
+        with contextlib.suppress(OSError):
+          if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+          else:
+            os.remove(leftover)
+    return CheckpointWriteError(path, self.latest_checkpoint(), error)
+
   def close(self) -> None:
-    """Waits for an async save in flight; removes a worker's scratch dir."""
-    self.checkpoint.sync()
-    if self._scratch:
-      shutil.rmtree(self._scratch, ignore_errors=True)
+    """Waits for an async save in flight; removes a worker's scratch dir.
+
+    Raises:
+      CheckpointWriteError: the async save in flight failed.
+    """
+    try:
+      self.checkpoint.sync()
+    except (tf.errors.OpError, OSError) as e:
+      raise self._write_failed(self._last_saved_path, e) from None
+    finally:
+      if self._scratch:
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 class CheckpointEvery(TrainerCallback):

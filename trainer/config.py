@@ -2,8 +2,13 @@
 
 Experiment files in `configs/` start from `default_config()` and override what
 they need. `validate()` runs before anything touches the workdir, so bad input
-never leaves a half-written run behind.
+never leaves a half-written run behind. Every key outside `user` must be one
+of `default_config()`'s: a typo is an error, in a config file as on the
+command line. `user` holds the settings of the user's own code and is never
+checked.
 """
+
+import difflib
 
 import ml_collections
 
@@ -14,6 +19,7 @@ POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 MODES = ("auto", "min", "max")
+USER_SECTION = "user"  # the one section validate() leaves alone
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -112,6 +118,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.callbacks.best_model.mode = "auto"  # auto | min | max
   c.callbacks.best_model.keep = 1  # .keras files kept in WORKDIR/best
   c.callbacks.custom = ""  # comma-separated module:Callback, made with no args
+
+  # Settings of the user's own code (callbacks, layers, tasks): never checked,
+  # any keys and nesting.
+  c.user = ml_collections.ConfigDict()
   return c
 
 
@@ -144,8 +154,61 @@ def _non_negative(value, key):
     raise ConfigError(f"{key} must be >= 0, got {value!r}")
 
 
+def _dotted_keys(tree: ml_collections.ConfigDict, prefix: str = "") -> list:
+  keys = []
+  for key in tree.keys():
+    keys.append(prefix + key)
+    if isinstance(tree[key], ml_collections.ConfigDict):
+      keys.extend(_dotted_keys(tree[key], f"{prefix}{key}."))
+  return keys
+
+
+def unknown_key(key: str) -> ConfigError:
+  """The error for dotted `key`, which default_config() does not have, with
+  the closest key it has."""
+  known = _dotted_keys(default_config())
+  section, _, leaf = key.rpartition(".")
+  siblings = {k.rpartition(".")[2]: k for k in known
+              if k.rpartition(".")[0] == section}
+  close = ([siblings[k] for k in difflib.get_close_matches(leaf, siblings,
+                                                           n=1)] or
+           [k for k in known if k.rpartition(".")[2] == leaf][:1] or
+           difflib.get_close_matches(key, known, n=1))
+  hint = f"; did you mean {close[0]!r}?" if close else ""
+  return ConfigError(
+      f"unknown config key {key!r} (every key and its default is in "
+      f"trainer/config.py; settings of your own code go under "
+      f"'{USER_SECTION}.'){hint}")
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a key that `default_config()` does not have
+  (outside `user`), a section set to a value, or a missing key."""
+
+  def walk(tree, defaults, prefix):
+    for key in tree.keys():
+      path = prefix + key
+      if path == USER_SECTION:
+        continue
+      if key not in defaults:
+        raise unknown_key(path)
+      if isinstance(defaults[key], ml_collections.ConfigDict):
+        if not isinstance(tree[key], ml_collections.ConfigDict):
+          raise ConfigError(f"config key {path!r} is a section of keys, got "
+                            f"{tree[key]!r}; set the keys under it instead")
+        walk(tree[key], defaults[key], path + ".")
+    missing = [k for k in defaults.keys() if k not in tree]
+    if missing:
+      raise ConfigError(
+          f"config key {prefix + missing[0]!r} is missing; start the config "
+          "from trainer.config.default_config()")
+
+  walk(config, default_config(), "")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks what can be checked without TensorFlow; raises ConfigError."""
+  check_keys(config)
   _choice(config.distribution.strategy, STRATEGIES, "distribution.strategy")
   _choice(config.precision.policy, POLICIES, "precision.policy")
   _choice(config.optimizer.name, OPTIMIZERS, "optimizer.name")

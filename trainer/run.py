@@ -29,6 +29,8 @@ from trainer.checkpoint import CheckpointEvery, Checkpointer
 from trainer.errors import ConfigError, TrainingDiverged
 from trainer.loop import Trainer
 from trainer.watchdog import Watchdog
+from trainer.workdir import (check_resume_config, check_workdir_writable,
+                             fix_pruning_schedule, read_saved_config)
 
 TESTING_STEPS = 6  # train steps in --testing mode
 TESTING_EVAL_BATCHES = 4
@@ -57,81 +59,6 @@ def testing_config(config: ml_collections.ConfigDict
   config.train.eval_every = 0
   config.train.checkpoint_every = 0
   return config
-
-
-# Config keys whose change makes a checkpoint mean something else.
-RUN_DEFINING_KEYS = ("seed", "model", "pruning", "data.name",
-                     "data.global_batch_size",
-                     "data.image_size", "data.train_split",
-                     "data.synthetic_shape", "data.synthetic_examples",
-                     "data.num_classes")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def _as_flat_json(config: ml_collections.ConfigDict) -> dict:
-  return _flatten(json.loads(json.dumps(config.to_dict(), default=list)))
-
-
-def read_saved_config(workdir: str) -> ml_collections.ConfigDict | None:
-  """WORKDIR/config.json of a run in `workdir` (with every key added to the
-  framework since then at its default), or None for a new workdir."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    saved = config_lib.with_defaults(json.load(f))
-  if saved.pruning.target_sparsity and not saved.pruning.end_step:
-    # written before the schedule was fixed at the start of a run
-    saved.pruning.end_step = pruning.default_end_step(saved.train.steps)
-  return saved
-
-
-def fix_pruning_schedule(config: ml_collections.ConfigDict,
-                         saved: ml_collections.ConfigDict | None) -> None:
-  """Resolves `pruning.end_step=0` once, when the run starts: a resumed run
-  keeps its schedule even if it is extended (`train.steps` raised)."""
-  if config.pruning.target_sparsity and not config.pruning.end_step:
-    config.pruning.end_step = (
-        saved.pruning.end_step if saved and saved.pruning.end_step else
-        pruning.default_end_step(config.train.steps))
-
-
-def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
-                        saved_config: ml_collections.ConfigDict | None,
-                        allow_change: bool) -> dict | None:
-  """Refuses to resume `workdir` with a config that changes the run.
-
-  Args:
-    saved_config: `read_saved_config(workdir)`.
-
-  Returns the saved config, flattened to dotted keys, or None if new.
-  """
-  if saved_config is None:
-    return None
-  saved, new = _as_flat_json(saved_config), _as_flat_json(config)
-  changed = sorted(
-      k for k in set(saved) | set(new)
-      if saved.get(k) != new.get(k) and any(
-          k == d or k.startswith(d + ".") for d in RUN_DEFINING_KEYS))
-  if not changed:
-    return saved
-  detail = ", ".join(f"{k} {saved.get(k)!r} -> {new.get(k)!r}"
-                     for k in changed)
-  if allow_change:
-    logging.warning("resuming %s with a changed config: %s", workdir, detail)
-    return saved
-  raise ConfigError(
-      f"workdir {workdir} holds a run with a different config ({detail}); "
-      "use a new --workdir, or pass --allow_config_change to resume anyway")
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict,
@@ -223,7 +150,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
 
   callbacks = [*callbacks, *callbacks_lib.build_callbacks(
       config, workdir, testing=testing)]
-  checkpointer = None
   chief = trainer.is_chief
   if not chief:
     logging.set_verbosity(logging.WARNING)  # the chief reports progress
@@ -232,10 +158,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
     raise ConfigError(
         f"--testing would overwrite the run in {workdir} (its config.json "
         "and metrics.jsonl); omit --workdir or give an empty one")
+  if workdir:
+    check_workdir_writable(workdir)
   if trainer.num_workers > 1 and config.distribution.collective_timeout:
     trainer.watchdog = Watchdog(
         config.distribution.collective_timeout,
         name=f"worker {strategy.cluster_resolver.task_id}")
+  try:
+    return _restore_and_train(config, workdir, trainer, eval_fn, callbacks,
+                              source=source, saved=saved, testing=testing,
+                              allow_config_change=allow_config_change)
+  finally:
+    if trainer.watchdog:
+      trainer.watchdog.close()
+
+
+def _restore_and_train(config: ml_collections.ConfigDict,
+                       workdir: str | None, trainer: Trainer, eval_fn,
+                       callbacks: list, *, source: data_lib.Source,
+                       saved: dict | None, testing: bool,
+                       allow_config_change: bool) -> RunResult:
+  """Restores the latest checkpoint, writes config.json (the first write to
+  the workdir: every check has passed), trains, reports."""
+  checkpointer = None
+  chief, model = trainer.is_chief, trainer.model
   if workdir and not testing:
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), model=model,
@@ -285,9 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   # stops a job when its first task exits (srun --kill-on-bad-exit) must not
   # cut the chief's last checkpoint short.
   trainer.barrier()
-  if trainer.watchdog:
-    trainer.watchdog.close()
-  device = strategy.extended.worker_devices[0]
+  device = trainer.strategy.extended.worker_devices[0]
   return RunResult(logs=logs, steps=int(trainer.global_step.numpy()),
                    seconds=time.perf_counter() - start, device=device,
                    is_chief=chief, preempted=trainer.preempted)
