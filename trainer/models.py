@@ -78,8 +78,11 @@ def resnet(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
   `sync_batch_norm`: every BatchNormalization layer is cross-replica.
   """
   inputs = keras.Input(info.input_shape)
-  x = keras.layers.Conv2D(cfg.width, 3, padding="same", use_bias=False)(inputs)
-  x = keras.layers.ReLU()(_bn(cfg.sync_batch_norm)(x))
+  # Every layer with variables is named: checkpoints key variables by path,
+  # and Keras' automatic names depend on what the process built before.
+  x = keras.layers.Conv2D(cfg.width, 3, padding="same", use_bias=False,
+                          name="stem_conv")(inputs)
+  x = keras.layers.ReLU()(_bn(cfg.sync_batch_norm, "stem_bn")(x))
   for stage in range(3):
     for block in range(cfg.depth):
       stride = 2 if stage > 0 and block == 0 else 1
