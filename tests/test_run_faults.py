@@ -9,11 +9,10 @@ import logging
 import pytest
 import tensorflow as tf
 
-from configs import digits
 from conftest import run_module
 from trainer import checkpoint as checkpoint_lib
 from trainer.run import run
-from test_resume import PoisonWeights, _input_offset
+from test_resume import PoisonWeights, _config, _input_offset
 
 SPIKE = ["--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.1",
          "--config.optimizer.schedule=step",
@@ -21,15 +20,6 @@ SPIKE = ["--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.1",
          "--config.optimizer.decay_factor=1e7", "--config.train.steps=60",
          "--config.train.steps_per_loop=5", "--config.train.checkpoint_every=10",
          "--config.callbacks.progress_bar=False"]
-
-
-def _config(**train):
-  config = digits.get_config()
-  config.callbacks.progress_bar = False
-  config.callbacks.tensorboard = False
-  for key, value in train.items():
-    config.train[key] = value
-  return config
 
 
 def _steps(workdir) -> list[int]:
