@@ -89,8 +89,8 @@ def bench_input(repeats: int, size: str) -> dict:
               100 if size == "full" else 10, image_shape=(8, 8, 1))
   strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
   source = data_lib.load_source(_digits_config(), 0)
-  real = data_lib.train_input_fn(source, global_batch_size=case.batch,
-                                 seed=0, shuffle_buffer=1)
+  real = data_lib.stream_input_fn(source.train_arrays,
+                                  global_batch_size=case.batch, seed=0)
   images, labels = source.train_arrays
   memory = tf.data.Dataset.from_tensor_slices(  # 8 batches, then cached
       (images[:case.batch * 8], labels[:case.batch * 8])).batch(

@@ -107,6 +107,14 @@ def parse_flags(argv: list[str]) -> list[str]:
          f"{first[-1] if first else ''}")
 
 
+def _eval_summary(logs: dict) -> str:
+  """`eval <metric> V, ..., eval loss V`: the task's metrics first."""
+  names = [k[5:] for k in logs if k.startswith("eval/") and
+           k not in ("eval/loss", "eval/num_examples")] + ["loss"]
+  return ", ".join(f"eval {name} {logs.get('eval/' + name, float('nan')):.4f}"
+                   for name in names)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
@@ -146,13 +154,12 @@ def main(argv: list[str]) -> None:
   logs = result.logs
   if _TESTING.value:
     import math  # pylint: disable=import-outside-toplevel
-    ok = math.isfinite(logs.get("loss", float("nan"))) and (
-        "eval/accuracy" in logs) and result.steps > 0
+    ok = math.isfinite(logs.get("loss", float("nan"))) and math.isfinite(
+        logs.get("eval/loss", float("nan"))) and result.steps > 0
     verdict = "PASS" if ok else "FAIL"
     print(f"testing: {verdict} {config_path}: {result.steps} steps on "
           f"{result.device} in {result.seconds:.1f}s, loss "
-          f"{logs.get('loss', float('nan')):.4f}, eval accuracy "
-          f"{logs.get('eval/accuracy', float('nan')):.4f} on "
+          f"{logs.get('loss', float('nan')):.4f}, {_eval_summary(logs)} on "
           f"{logs.get('eval/num_examples', 0)} examples")
     sys.exit(0 if ok else 1)
   if result.preempted:
@@ -165,9 +172,8 @@ def main(argv: list[str]) -> None:
   logging.info("done: step %d, %s", result.steps,
                {k: round(v, 4) for k, v in logs.items()
                 if isinstance(v, float)})
-  print(f"done: {result.steps} steps in {result.seconds:.1f}s, eval accuracy "
-        f"{logs.get('eval/accuracy', float('nan')):.4f}, eval loss "
-        f"{logs.get('eval/loss', float('nan')):.4f}")
+  print(f"done: {result.steps} steps in {result.seconds:.1f}s, "
+        f"{_eval_summary(logs)}")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,6 @@ def test_an_old_config_json_without_newer_keys_still_resumes(tmp_path):
   del old["user"], old["train"]["nan_recovery"]  # not there back then
   (tmp_path / "config.json").write_text(json.dumps(old))
   config = config_lib.default_config()
-  config.user.extra = 1
   saved = read_saved_config(str(tmp_path))
   assert check_resume_config(str(tmp_path), config, saved, False) is not None
   config_lib.validate(config_lib.with_defaults(old))

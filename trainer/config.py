@@ -26,6 +26,9 @@ def default_config() -> ml_collections.ConfigDict:
   """Every key the framework reads, with its default."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # The experiment: "package.module:Name" or "path/to/file.py:Name" (see
+  # trainer/task.py); the default is the built-in image classification.
+  c.task = "trainer.tasks.image_classification:ImageClassification"
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"  # digits | synthetic | any TFDS name

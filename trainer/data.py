@@ -20,6 +20,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from trainer.errors import ConfigError, DataError
 
@@ -191,12 +192,14 @@ def epoch_permutation(epoch: tf.Tensor, num_examples: int,
 CHUNK_BATCHES, CHUNK_BYTES = 16, 4 << 20
 
 
-def stream_input_fn(arrays: tuple, *, global_batch_size: int, seed: int,
+def stream_input_fn(arrays, *, global_batch_size: int, seed: int,
                     start_step: int = 0
                    ) -> Callable[[tf.distribute.InputContext],
                                  tf.data.Dataset]:
   """The training dataset function for a source held in memory.
 
+  `arrays` is a nest of numpy arrays with one row per example, e.g.
+  (images [N, H, W, C], labels [N]) or ({"ids": [N, T]}, y [N], w [N]).
   The stream is epoch after epoch of the N examples, epoch e in the order
   `epoch_permutation(e)`; global step k reads stream positions
   [k * B, (k + 1) * B) and per-replica batch q positions [q * b, (q + 1) * b).
@@ -208,15 +211,15 @@ def stream_input_fn(arrays: tuple, *, global_batch_size: int, seed: int,
   Per epoch: one O(N) permutation of indices; per chunk of up to 16 batches:
   one gather from the arrays.
   """
-  images, labels = arrays
-  num_examples = len(labels)
+  flat = tf.nest.flatten(arrays)
+  num_examples = len(flat[0])
 
   def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
     per_replica = ctx.get_per_replica_batch_size(global_batch_size)
     if per_replica > num_examples:
       raise DataError(f"a per-replica batch of {per_replica} is larger than "
                       f"the {num_examples} training examples")
-    images_t, labels_t = tf.constant(images), tf.constant(labels)
+    tensors = tf.nest.map_structure(tf.constant, arrays)
     first_epoch, skip = divmod(
         start_step * ctx.num_replicas_in_sync * per_replica, num_examples)
 
@@ -228,9 +231,10 @@ def stream_input_fn(arrays: tuple, *, global_batch_size: int, seed: int,
         epoch_order).rebatch(per_replica, drop_remainder=True)
     if ctx.num_input_pipelines > 1:
       indices = indices.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-    batch_bytes = per_replica * (images[0].nbytes + labels[0].nbytes)
+    batch_bytes = per_replica * max(1, sum(a[0].nbytes for a in flat))
     chunk = max(1, min(CHUNK_BATCHES, CHUNK_BYTES // batch_bytes))
-    gather = lambda idx: (tf.gather(images_t, idx), tf.gather(labels_t, idx))
+    gather = lambda idx: tf.nest.map_structure(
+        lambda t: tf.gather(t, idx), tensors)
     return indices.batch(chunk).map(
         gather, num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True).unbatch().prefetch(tf.data.AUTOTUNE)
@@ -238,27 +242,31 @@ def stream_input_fn(arrays: tuple, *, global_batch_size: int, seed: int,
   return dataset_fn
 
 
-def train_input_fn(source: Source, *, global_batch_size: int, seed: int,
+def train_input_fn(train, *, global_batch_size: int, seed: int,
                    shuffle_buffer: int, start_step: int = 0):
-  """The training dataset function: addressed by step if in memory."""
-  if source.train_arrays is not None:
-    return stream_input_fn(source.train_arrays,
-                           global_batch_size=global_batch_size, seed=seed,
-                           start_step=start_step)
-  return input_fn(source.train, global_batch_size=global_batch_size,
+  """The training dataset function for `train` (a trainer.task.Examples):
+  addressed by step if it is in memory (`train.arrays`), else shuffled
+  through a buffer, skipping the batches of the steps already taken."""
+  if train.arrays is not None:
+    return stream_input_fn(train.arrays, global_batch_size=global_batch_size,
+                           seed=seed, start_step=start_step)
+  if start_step:
+    logging.info("resuming a tf.data training set at step %d: reading and "
+                 "dropping the %d global batches before it (give arrays for "
+                 "a resume without replay)", start_step, start_step)
+  return input_fn(train.dataset, global_batch_size=global_batch_size,
                   training=True, seed=seed, shuffle_buffer=shuffle_buffer,
                   start_step=start_step)
 
 
-def check_train_batch(source: Source, per_replica_batch: int) -> None:
+def check_train_batch(train, per_replica_batch: int) -> None:
   """Refuses a per-replica batch larger than an in-memory training set
-  (the step-addressed stream cuts each epoch into batches)."""
-  if source.train_arrays is not None:
-    num_examples = len(source.train_arrays[1])
-    if per_replica_batch > num_examples:
-      raise DataError(f"a per-replica batch of {per_replica_batch} is larger "
-                      f"than the {num_examples} training examples; lower "
-                      "data.global_batch_size")
+  (`train`: a trainer.task.Examples; the step-addressed stream cuts each
+  epoch into batches)."""
+  if train.arrays is not None and per_replica_batch > train.size:
+    raise DataError(f"a per-replica batch of {per_replica_batch} is larger "
+                    f"than the {train.size} training examples; lower "
+                    "data.global_batch_size")
 
 
 def check_batch_size(global_batch_size: int, num_parts: int,

@@ -23,7 +23,8 @@ from absl import logging
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import data as data_lib
-from trainer import models, optimizers, precision, pruning
+from trainer import optimizers, precision, pruning
+from trainer import task as task_lib
 from trainer import strategy as strategy_lib
 from trainer.checkpoint import CheckpointEvery, Checkpointer
 from trainer.errors import ConfigError, TrainingDiverged
@@ -62,22 +63,22 @@ def testing_config(config: ml_collections.ConfigDict
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict,
-                    info: data_lib.DataInfo) -> int:
+                    num_train: int | None) -> int:
   """`train.steps_per_epoch`, or one pass over the training set if 0."""
   if config.train.steps_per_epoch:
     return int(config.train.steps_per_epoch)
-  if not info.num_train:
+  if not num_train:
     return int(config.train.steps)  # size unknown: the run is one epoch
-  return max(1, info.num_train // config.data.global_batch_size)
+  return max(1, num_train // config.data.global_batch_size)
 
 
-def _per_replica_spec(source: data_lib.Source,
+def _per_replica_spec(train: task_lib.Examples,
                       config: ml_collections.ConfigDict, replicas: int):
   """The TensorSpec nest of one replica's training batch."""
   per_replica = config.data.global_batch_size // replicas
   return tf.nest.map_structure(
       lambda s: tf.TensorSpec([per_replica, *s.shape], s.dtype),
-      source.train.element_spec)
+      train.dataset.element_spec)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None, *,
@@ -112,9 +113,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   if config.train.deterministic:
     tf.config.experimental.enable_op_determinism()
 
-  source = data_lib.load_source(config.data, config.seed)
-  data_lib.check_train_batch(source, config.data.global_batch_size // n)
-  eval_examples = source.eval
+  task = task_lib.load_task(config.task, config)
+  train = task_lib.examples(task.train_data(), "train_data")
+  evals = task_lib.examples(task.eval_data(), "eval_data")
+  data_lib.check_train_batch(train, config.data.global_batch_size // n)
+  eval_examples = evals.dataset
   if testing:
     eval_examples = eval_examples.take(TESTING_EVAL_BATCHES *
                                        config.data.eval_batch_size)
@@ -130,15 +133,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   else:
     fix_pruning_schedule(config, None)
 
+  compute_loss = getattr(task, "compute_loss", None)
   with strategy.scope():
-    model = models.build_model(config.model, source.info)
-    optimizer = optimizers.build_optimizer(config.optimizer,
-                                           config.train.steps)
+    model = task.build_model()
+    optimizer = (task.build_optimizer() if hasattr(task, "build_optimizer")
+                 else optimizers.build_optimizer(config.optimizer,
+                                                 config.train.steps))
+    metrics = task.build_metrics()
+  task_lib.check_task(task, model, train, compute_loss=compute_loss)
   trainer = Trainer(
       model=model, optimizer=optimizer,
-      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True,
-                                                      reduction="none"),
-      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+      loss=None if compute_loss else task.build_losses,
+      compute_loss=compute_loss, metrics=metrics,
       strategy=strategy, steps_per_loop=config.train.steps_per_loop,
       global_clipnorm=config.optimizer.global_clipnorm,
       jit_compile=config.train.jit_compile,
@@ -146,10 +152,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
       min_loss_scale=config.precision.min_loss_scale,
       pruning=pruning.schedule_from_config(config.pruning, config.train.steps))
   if config.train.jit_compile and config.train.deterministic:
-    trainer.step.check_compiles(_per_replica_spec(source, config, n))
+    trainer.step.check_compiles(_per_replica_spec(train, config, n))
 
-  callbacks = [*callbacks, *callbacks_lib.build_callbacks(
-      config, workdir, testing=testing)]
+  callbacks = [*callbacks, *(task.callbacks() if hasattr(task, "callbacks")
+                             else ()),
+               *callbacks_lib.build_callbacks(config, workdir,
+                                              testing=testing)]
   chief = trainer.is_chief
   if not chief:
     logging.set_verbosity(logging.WARNING)  # the chief reports progress
@@ -166,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
         name=f"worker {strategy.cluster_resolver.task_id}")
   try:
     return _restore_and_train(config, workdir, trainer, eval_fn, callbacks,
-                              source=source, saved=saved, testing=testing,
+                              train=train, saved=saved, testing=testing,
                               allow_config_change=allow_config_change)
   finally:
     if trainer.watchdog:
@@ -175,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
 
 def _restore_and_train(config: ml_collections.ConfigDict,
                        workdir: str | None, trainer: Trainer, eval_fn,
-                       callbacks: list, *, source: data_lib.Source,
+                       callbacks: list, *, train: task_lib.Examples,
                        saved: dict | None, testing: bool,
                        allow_config_change: bool) -> RunResult:
   """Restores the latest checkpoint, writes config.json (the first write to
@@ -216,7 +224,7 @@ def _restore_and_train(config: ml_collections.ConfigDict,
     signal.signal(signal.SIGTERM,
                   lambda *_: trainer.request_preemption())
   try:
-    logs = _fit_with_recovery(trainer, config, source, eval_fn, callbacks,
+    logs = _fit_with_recovery(trainer, config, train, eval_fn, callbacks,
                               checkpointer)
     if "eval/loss" not in logs and not trainer.preempted:
       # resumed at or past train.steps: nothing to train, report the model
@@ -238,7 +246,7 @@ def _restore_and_train(config: ml_collections.ConfigDict,
 
 
 def _fit_with_recovery(trainer: Trainer, config: ml_collections.ConfigDict,
-                       source: data_lib.Source, eval_fn, callbacks,
+                       train: task_lib.Examples, eval_fn, callbacks,
                        checkpointer: Checkpointer | None) -> dict:
   """`trainer.fit` from the restored step; on a NaN loss, maybe recover.
 
@@ -254,13 +262,13 @@ def _fit_with_recovery(trainer: Trainer, config: ml_collections.ConfigDict,
     position = (checkpointer.input_position if checkpointer
                 else int(trainer.global_step.numpy()))
     train_fn = data_lib.train_input_fn(
-        source, global_batch_size=config.data.global_batch_size,
+        train, global_batch_size=config.data.global_batch_size,
         seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
         start_step=position)
     try:
       return trainer.fit(
           train_fn, steps=config.train.steps,
-          steps_per_epoch=steps_per_epoch(config, source.info),
+          steps_per_epoch=steps_per_epoch(config, train.size),
           eval_data=eval_fn, eval_every=config.train.eval_every,
           callbacks=callbacks)
     except TrainingDiverged as e:

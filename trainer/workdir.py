@@ -19,7 +19,7 @@ from trainer.errors import ConfigError
 
 
 # Config keys whose change makes a checkpoint mean something else.
-RUN_DEFINING_KEYS = ("seed", "model", "pruning", "data.name",
+RUN_DEFINING_KEYS = ("seed", "task", "user", "model", "pruning", "data.name",
                      "data.global_batch_size",
                      "data.image_size", "data.train_split",
                      "data.synthetic_shape", "data.synthetic_examples",

@@ -1,0 +1,220 @@
+"""The Task contract: a user's experiment, run by every entry point.
+
+Config key `task` names it: `"package.module:Name"` (importable from the
+working directory or PYTHONPATH) or `"path/to/file.py:Name"` (a file outside
+any package, e.g. next to the config). `Name(config)` builds the task: a
+class, or a function returning an object, with these methods:
+
+  build_model() -> keras.Model          called inside strategy.scope(), under
+                                        the precision policy
+  train_data(), eval_data()             the examples, unbatched: a tuple of
+                                        numpy arrays (x, y) or (x, y, w), x
+                                        maybe a dict of arrays, or a
+                                        tf.data.Dataset of such elements
+  build_losses(labels, model_outputs)   per-example loss, [batch] float32
+  build_metrics() -> [keras Metric]     fresh instances
+optional:
+  compute_loss(model, batch, training)  -> (per_example_loss [batch],
+                                        predictions); replaces the forward
+                                        pass + build_losses
+  callbacks() -> [keras Callback]
+  build_optimizer() -> keras Optimizer  else `optimizer.*` from the config
+
+Its own settings live in the config's `user` section (never checked).
+Everything here names the method that returned what, so a broken task is
+one clear error line before anything is written.
+"""
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import re
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.errors import ConfigError, DataError
+
+REQUIRED = ("build_model", "train_data", "eval_data", "build_losses",
+            "build_metrics")
+OPTIONAL = ("compute_loss", "callbacks", "build_optimizer")
+DEFAULT_TASK = "trainer.tasks.image_classification:ImageClassification"
+
+
+def _import_file(path: str, spec: str):
+  """Imports the Python file `path` as a module (once per file)."""
+  full = os.path.abspath(path)
+  if not os.path.isfile(full):
+    raise ConfigError(f"task {spec!r}: file {path!r} does not exist")
+  stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(full))[0])
+  name = f"trainer_task_{stem}"
+  module = sys.modules.get(name)
+  if module is not None and getattr(module, "__file__", None) == full:
+    return module
+  folder = os.path.dirname(full)
+  if folder not in sys.path:  # so the file can import its neighbours
+    sys.path.insert(0, folder)
+  module_spec = importlib.util.spec_from_file_location(name, full)
+  module = importlib.util.module_from_spec(module_spec)
+  sys.modules[name] = module
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception:
+    del sys.modules[name]
+    raise
+  return module
+
+
+def load_task(spec: str, config):
+  """Builds the task named by `spec` (`module:Name` or `file.py:Name`).
+
+  Raises:
+    ConfigError: the module, file or name is not found, or the task lacks a
+      required method.
+  """
+  where, _, name = spec.rpartition(":")
+  if not where or not name.isidentifier():
+    raise ConfigError(f"task {spec!r} must look like 'package.module:Name' or "
+                      "'path/to/file.py:Name'")
+  if where.endswith(".py") or os.sep in where:
+    module = _import_file(where, spec)
+  else:
+    try:
+      module = importlib.import_module(where)
+    except ImportError as e:
+      raise ConfigError(f"task {spec!r}: cannot import {where!r} ({e}); is it "
+                        "on PYTHONPATH, or give its file: "
+                        "'path/to/file.py:Name'") from None
+  factory = getattr(module, name, None)
+  if factory is None:
+    raise ConfigError(f"task {spec!r}: {where} has no {name!r}")
+  task = factory(config)
+  missing = [m for m in REQUIRED if not callable(getattr(task, m, None))]
+  if missing:
+    raise ConfigError(
+        f"task {spec!r}: {type(task).__name__} has no method "
+        f"{', '.join(missing)}; a task has {', '.join(REQUIRED)} "
+        f"(and optionally {', '.join(OPTIONAL)})")
+  return task
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """One split of a task's data, unbatched.
+
+  Attributes:
+    dataset: the examples as a tf.data.Dataset of (x, y) or (x, y, w).
+    arrays: the same as a nest of numpy arrays [N, ...] when the task gave
+      arrays: then training is addressed by step (exact resume, no replay).
+    size: the number of examples, or None when the dataset does not say.
+  """
+  dataset: tf.data.Dataset
+  arrays: tuple | None
+  size: int | None
+
+
+def _length(tree) -> set:
+  return {len(a) for a in tf.nest.flatten(tree)}
+
+
+def examples(value, method: str) -> Examples:
+  """Checks what `method` (train_data, eval_data) returned.
+
+  Raises:
+    DataError: not arrays (x, y[, w]) or a Dataset of such elements, or
+      arrays of different lengths.
+  """
+  what = f"{method}() returned"
+  if isinstance(value, tf.data.Dataset):
+    spec = value.element_spec
+    if not isinstance(spec, tuple) or len(spec) not in (2, 3):
+      raise DataError(f"{what} a Dataset of {spec}; its elements must be "
+                      "(x, y) or (x, y, sample_weight), unbatched")
+    cardinality = int(value.cardinality())
+    return Examples(value, None, cardinality if cardinality >= 0 else None)
+  if not isinstance(value, (tuple, list)) or len(value) not in (2, 3):
+    raise DataError(f"{what} {type(value).__name__}; return numpy arrays "
+                    "(x, y) or (x, y, sample_weight), or a tf.data.Dataset")
+  try:
+    arrays = tuple(tf.nest.map_structure(np.asarray, part) for part in value)
+  except (TypeError, ValueError) as e:
+    raise DataError(f"{what} something that is not arrays ({e})") from None
+  parts = ("x", "y", "sample_weight")
+  lengths = {}
+  for label, part in zip(parts, arrays):
+    sizes = _length(part)
+    if len(sizes) != 1 or min(a.ndim for a in tf.nest.flatten(part)) == 0:
+      raise DataError(f"{what} {label} whose arrays have different lengths "
+                      f"{sorted(sizes)} (or are scalars); every array holds "
+                      "one row per example")
+    lengths[label] = sizes.pop()
+  if len(set(lengths.values())) != 1:
+    detail = ", ".join(f"{k} with {v}" for k, v in lengths.items())
+    raise DataError(f"{what} {detail} examples; x, y (and sample_weight) "
+                    "must have one row per example each")
+  size = lengths["x"]
+  if size == 0:
+    raise DataError(f"{what} no examples")
+  return Examples(tf.data.Dataset.from_tensor_slices(arrays), arrays, size)
+
+
+def check_task(task, model: keras.Model, train: Examples, *,
+               compute_loss=None) -> None:
+  """Runs the model, the loss and the metrics on 2 training examples, eagerly
+  and before anything is written, so a task whose pieces do not fit is one
+  error naming the method, not a traceback from inside a traced step.
+
+  Raises:
+    ConfigError: build_model() did not return a Keras model, the model does
+      not take the examples, build_losses (or compute_loss) fails or does not
+      return [batch], or a metric from build_metrics() fails on them.
+  """
+  if not isinstance(model, keras.Model):
+    raise ConfigError(f"build_model() returned {type(model).__name__}, not a "
+                      "keras.Model")
+  batch = next(iter(train.dataset.batch(2)))
+  x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+  shape = lambda t: tuple(tf.nest.map_structure(
+      lambda a: tuple(a.shape), t)) if isinstance(t, dict) else tuple(t.shape)
+  if compute_loss is not None:
+    step = "compute_loss(model, batch, training=False)"
+    try:
+      per_example, outputs = compute_loss(model, batch, False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f"{step} failed on 2 examples of train_data(): "
+                        f"{_first_line(e)}") from None
+  else:
+    try:
+      outputs = model(x, training=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(
+          f"the model from build_model() does not take x from train_data() "
+          f"(2 examples, shape {shape(x)}): {_first_line(e)}") from None
+    step = (f"build_losses(labels {shape(y)}, model_outputs "
+            f"{shape(outputs)})")
+    try:
+      per_example = task.build_losses(y, outputs)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f"{step} failed: {_first_line(e)}; do the model's "
+                        "outputs fit the labels?") from None
+  got = tuple(getattr(per_example, "shape", ()))
+  if got != (2,):
+    raise ConfigError(f"{step} returned shape {got} for 2 examples; it must "
+                      "return one loss per example, shape [batch] (for a "
+                      "Keras loss use reduction='none')")
+  for metric in task.build_metrics():
+    try:
+      metric.update_state(y, tf.nest.map_structure(
+          lambda t: tf.cast(t, tf.float32), outputs))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f"metric {metric.name!r} from build_metrics() fails "
+                        f"on labels {shape(y)} and model outputs "
+                        f"{shape(outputs)}: {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+  lines = [l for l in str(error).strip().splitlines() if l.strip()]
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"

@@ -1,0 +1,1 @@
+"""Built-in tasks (trainer/task.py has the contract they follow)."""

@@ -1,0 +1,50 @@
+"""The built-in task: image classification by `model.name` on `data.name`.
+
+digits (offline default), synthetic, or a TFDS image dataset (trainer.data);
+the models of trainer.models; sparse cross-entropy from logits; accuracy.
+It is one Task like a user's (trainer/task.py): `task` defaults to it.
+"""
+
+import functools
+
+import keras
+import ml_collections
+
+from trainer import data as data_lib
+from trainer import models
+
+
+class ImageClassification:
+  """Classifies images [H, W, C] in [0, 1] into `num_classes` (int labels).
+
+  Args:
+    config: the run's config; reads `data.*`, `model.*` and `seed`.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  @functools.cached_property
+  def source(self) -> data_lib.Source:
+    """The dataset named by `data.name`, loaded once."""
+    return data_lib.load_source(self.config.data, self.config.seed)
+
+  def build_model(self) -> keras.Model:
+    """[batch, H, W, C] float32 -> logits [batch, num_classes] float32."""
+    return models.build_model(self.config.model, self.source.info)
+
+  def train_data(self):
+    """(images [N, H, W, C], labels [N]) in memory when they are, so the
+    training stream is addressed by step; else the TFDS dataset."""
+    return self.source.train_arrays or self.source.train
+
+  def eval_data(self):
+    return self.source.eval
+
+  def build_losses(self, labels, logits):
+    """Sparse cross-entropy from logits, one per example: [batch]."""
+    return keras.losses.sparse_categorical_crossentropy(labels, logits,
+                                                        from_logits=True)
+
+  def build_metrics(self) -> list:
+    return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
