@@ -163,9 +163,14 @@ def main(argv: list[str]) -> None:
           f"{logs.get('eval/num_examples', 0)} examples")
     sys.exit(0 if ok else 1)
   if result.preempted:
-    if result.is_chief:
+    if result.is_chief and (result.checkpoint or "").endswith(
+        f"ckpt-{result.steps}"):
       print(f"preempted: stopped at step {result.steps} on SIGTERM, "
             "checkpoint saved; run the same command to resume")
+    elif result.is_chief:
+      print(f"preempted: stopped at step {result.steps} on SIGTERM, not "
+            "checkpointed (the last loss was not finite); the same command "
+            f"resumes from {result.checkpoint or 'the start'}")
     sys.exit(EXIT_PREEMPTED)
   if not result.is_chief:
     return  # the chief reports for the job

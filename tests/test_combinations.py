@@ -5,7 +5,7 @@ device and on 2 mirrored replicas (so the strategy pairs with everything).
 
 Each case trains a few steps on finite data (in order, so one device and 2
 replicas see the same global batches; with `partial`, the last train step
-has 6 examples and the last eval step leaves replica 1 with none), then
+has 1 example and the last eval step leave replica 1 with none), then
 asserts: the loss is finite, every eval example is counted once, pruned
 kernels have their exact sparsity, and 2 replicas equal one device within
 the policy's tolerance.
@@ -105,7 +105,7 @@ def _batches(x, y):
 def _train(case, strategy, replicas, workdir):
   """Trains STEPS steps (stopping after 2 and resuming from a checkpoint in
   a new model if `resume`); returns (train logs, eval logs, trainer)."""
-  n = GLOBAL_BATCH * (STEPS - 1) + (6 if case["partial"] else GLOBAL_BATCH)
+  n = GLOBAL_BATCH * (STEPS - 1) + (1 if case["partial"] else GLOBAL_BATCH)
   x, y = _examples(n, seed=0)
   eval_x, eval_y = _examples(70 if case["partial"] else 64, seed=1)
   trainer = _build(case, strategy, replicas)

@@ -20,7 +20,8 @@ def _blocks(language: str) -> list[str]:
 @pytest.mark.slow
 def test_python_example_trains_mirrored_mixed_float16_and_prints_it(tmp_path):
   example = tmp_path / "example.py"
-  example.write_text(_blocks("python")[0])
+  example.write_text(next(b for b in _blocks("python") if "import trainer\n"
+                          in b))
   proc = subprocess.run(
       [sys.executable, str(example)], cwd=tmp_path, capture_output=True,
       text=True, timeout=300, check=False,
@@ -33,6 +34,28 @@ def test_python_example_trains_mirrored_mixed_float16_and_prints_it(tmp_path):
   assert int(scale) > 1  # LossScaleOptimizer was in use
   with open(README, encoding="utf-8") as f:
     assert f"It prints `{last}`" in f.read()  # the README quotes the output
+
+
+@pytest.mark.slow
+def test_your_own_experiment_runs_from_an_empty_directory(tmp_path):
+  """The 'Your own experiment' section: its two files, its command, run
+  from a directory outside the checkout."""
+  blocks = _blocks("python")
+  (tmp_path / "my_task.py").write_text(
+      next(b for b in blocks if "class MyTask" in b))
+  (tmp_path / "my_config.py").write_text(
+      next(b for b in blocks if "c.task = \"my_task.py:MyTask\"" in b))
+  with open(README, encoding="utf-8") as f:
+    command = re.search(r"`(python -m launch\.train --config=my_config\.py\s+"
+                        r"--workdir=runs/mine)`", f.read()).group(1).split()
+  proc = subprocess.run(
+      [sys.executable, *command[1:], "--config.callbacks.progress_bar=False"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  last = proc.stdout.strip().splitlines()[-1]
+  accuracy = float(re.search(r"eval accuracy ([\d.]+)", last).group(1))
+  assert last.startswith("done: 200 steps") and accuracy >= 0.9, last
 
 
 def test_ci_runs_the_quickstart_commands():

@@ -5,12 +5,14 @@ schedule fixed at the start, one CSV row per epoch after a resume."""
 
 import csv
 import logging
+import shutil
 
 import pytest
 import tensorflow as tf
 
 from conftest import run_module
 from trainer import checkpoint as checkpoint_lib
+from trainer.callbacks import read_metrics
 from trainer.run import run
 from test_resume import PoisonWeights, _config, _input_offset
 
@@ -67,21 +69,26 @@ def test_resume_under_another_precision_policy(tmp_path, caplog):
   """Variables are float32 under every policy: a run continues under
   another one. It used to say 'no checkpoint ... can be read'."""
   caplog.set_level(logging.INFO, logger="absl")
+  scales = {}
   for steps, policy in ((20, "float32"), (40, "mixed_float16"),
-                        (60, "mixed_bfloat16"), (80, "mixed_float16")):
+                        (60, "mixed_float16"), (80, "mixed_bfloat16"),
+                        (100, "float32")):
     config = _config(steps=steps, steps_per_loop=10)
     config.precision.policy = policy
     result = run(config, str(tmp_path))
     assert result.steps == steps, policy
     assert result.logs["eval/accuracy"] > 0.5
-  assert "has no loss scale (written under another precision.policy)" in (
-      caplog.text)
-  # The last one resumed a mixed_float16 checkpoint: its scale came along.
-  assert "ckpt-60 has no loss scale" in caplog.text
+    scales[steps] = result.logs.get("loss_scale")
+  # float32 -> mixed_float16 starts from the initial scale; the second
+  # mixed_float16 run continues with the scale the first one saved.
+  assert "ckpt-20 has no loss scale" in caplog.text
   assert "ckpt-40 has no loss scale" not in caplog.text
+  assert scales[40] == 32768.0 and scales[60] is not None
+  assert scales[80] is None and scales[100] is None
 
 
-def test_a_mixed_float16_checkpoint_of_the_earlier_layout_resumes(tmp_path):
+def test_a_mixed_float16_checkpoint_of_the_earlier_layout_resumes(tmp_path,
+                                                                   caplog):
   """Before the loss scale was saved apart, the whole LossScaleOptimizer
   was the checkpoint's `optimizer`."""
   config = _config(steps=20, steps_per_loop=10)
@@ -113,8 +120,18 @@ def test_a_mixed_float16_checkpoint_of_the_earlier_layout_resumes(tmp_path):
         str(tmp_path / "old" / "checkpoints"), model=model,
         optimizer=optimizer, global_step=step).restore_latest() == 20
     assert float(optimizer.dynamic_scale.numpy()) == 1024.0
+    iterations = int(optimizer.iterations.numpy())
   finally:
     keras.mixed_precision.set_dtype_policy("float32")
+  # ... and into a float32 run (no loss scale there).
+  config.precision.policy = "float32"
+  config.train.steps = 30
+  shutil.copytree(tmp_path / "old" / "checkpoints",
+                  tmp_path / "old32" / "checkpoints")
+  caplog.set_level(logging.INFO, logger="absl")
+  result = run(config, str(tmp_path / "old32"))
+  assert result.steps == 30 and iterations > 0
+  assert "old32/checkpoints/ckpt-20 (step 20)" in caplog.text
 
 
 def test_resuming_with_fewer_steps_than_done_reports_the_model(tmp_path):
@@ -138,7 +155,11 @@ def test_pruning_schedule_is_fixed_when_the_run_starts(tmp_path):
   assert first.logs["sparsity"] == pytest.approx(0.5, abs=1e-3)
   longer = run(config(80), str(tmp_path))
   assert longer.steps == 80
-  assert longer.logs["sparsity"] == pytest.approx(first.logs["sparsity"])
+  # At step 50 the schedule of the run as it started (end 30) is at its
+  # target; one moved to the extended run's 60 would still be below it.
+  sparsity = {r["step"]: r["train/sparsity"] for r in read_metrics(tmp_path)
+              if "train/sparsity" in r}
+  assert sparsity[50] == pytest.approx(0.5, abs=1e-3)
   saved = (tmp_path / "config.json").read_text()
   assert '"end_step": 30' in saved
 

@@ -122,11 +122,12 @@ def _env(**extra) -> dict:
   return env
 
 
-def _submit(workdir, log, flags, env=None) -> str:
+def _submit(workdir, log, flags, env=None,
+            config="configs/digits.py") -> str:
   """Submits train.sbatch as 2 tasks on one node; returns the job id."""
   cmd = ["sbatch", "--parsable", "--job-name=test_slurm", "--nodes=1",
          "--ntasks-per-node=2", f"--output={log}", SBATCH,
-         "--config=configs/digits.py", f"--workdir={workdir}",
+         f"--config={config}", f"--workdir={workdir}",
          "--config.callbacks.progress_bar=False", *flags]
   out = subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True,
                        text=True, timeout=30, check=False)
@@ -208,6 +209,26 @@ def test_two_workers_train_digits_and_only_the_chief_writes(tmp_path):
   assert text.count("done: 300 steps") == 1, _tail(log)
   print(f"job {job}: {time.monotonic() - start:.0f}s from submit to end, "
         f"eval accuracy {evals[-1]['eval/accuracy']:.3f}")
+
+
+def test_a_users_own_task_trains_on_two_workers(tmp_path):
+  """configs/regression.py: a task with its own loss, metric and
+  activation, as a SLURM job of 2 tasks."""
+  workdir, log = tmp_path / "run", tmp_path / "slurm.log"
+  job = _submit(workdir, log, ["--config.train.steps=100"],
+                config="configs/regression.py")
+  try:
+    _wait("the job to end", lambda: _job(job).get("JobState") in ENDED, 110,
+          log)
+  finally:
+    _cancel(job)
+  info, text = _job(job), log.read_text()
+  assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), \
+      _tail(log)
+  assert "MultiWorkerMirroredStrategy: 2 replica(s)" in text, _tail(log)
+  evals = [r for r in _metrics(workdir) if "eval/r2" in r]
+  assert evals and evals[-1]["step"] == 100 and "eval/mae" in evals[-1]
+  assert text.count("done: 100 steps") == 1, _tail(log)
 
 
 @pytest.mark.parametrize("preempt", [

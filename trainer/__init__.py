@@ -6,7 +6,9 @@ Public API:
   Trainer                                 trainer.loop
   layers (DenseLayer, ParametricSwish...) trainer.layers
   input_fn, load_source                   trainer.data
-  run                                     trainer.run (config -> trained run)
+  run                                     trainer.run.run (config [, task]
+                                          -> a trained run in a workdir)
+  load_task                               trainer.task (your experiment)
   UserError, ConfigError, DataError       trainer.errors
 """
 
@@ -15,8 +17,9 @@ from trainer.data import input_fn, load_source
 from trainer.errors import ConfigError, DataError, UserError
 from trainer.loop import Trainer
 from trainer.precision import set_policy
+from trainer.task import load_task
 from trainer.strategy import build_strategy, configure_cpu_devices
 
 __all__ = ["ConfigError", "DataError", "Trainer", "UserError",
            "build_strategy", "configure_cpu_devices", "input_fn",
-           "layers", "load_source", "set_policy"]
+           "layers", "load_source", "load_task", "set_policy"]

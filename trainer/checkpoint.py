@@ -108,6 +108,7 @@ class Checkpointer:
                extra: dict | None = None):
     self.allow_partial = allow_partial
     self._last_saved_step, self._last_saved_path = None, None
+    self._in_flight = None  # the async save being written, if any
     if async_save:
       enable_keras_async_checkpoints()
     self._options = tf.train.CheckpointOptions(
@@ -151,7 +152,7 @@ class Checkpointer:
     A truncated or corrupt checkpoint is reported and the one before it is
     tried. A checkpoint that does not fit the model is a ConfigError.
     """
-    self.checkpoint.sync()  # an async save in flight finishes first
+    self.wait()  # an async save in flight finishes first
     paths = self.checkpoints()
     for path in reversed(paths):
       try:
@@ -189,15 +190,21 @@ class Checkpointer:
     mixed_bfloat16) restores into a mixed_float16 run, which then starts
     from the initial scale; one written with a loss scale restores into any
     policy. A mixed_float16 checkpoint of the earlier layout (the whole
-    LossScaleOptimizer as `optimizer`) still restores.
+    LossScaleOptimizer as `optimizer`) still restores, into any policy.
     """
-    if self._loss_scaled is None:
-      return self.checkpoint
     try:
       keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
     except (tf.errors.OpError, ValueError):
       return self.checkpoint  # let restore report it
-    if any(k.startswith("optimizer/inner_optimizer/") for k in keys):
+    earlier = any(k.startswith("optimizer/inner_optimizer/") for k in keys)
+    if self._loss_scaled is None:
+      if not earlier:
+        return self.checkpoint
+      return tf.train.Checkpoint(**{**self._state, "optimizer":
+                                    tf.train.Checkpoint(
+                                        inner_optimizer=self._state[
+                                            "optimizer"])})
+    if earlier:
       state = {k: v for k, v in self._state.items() if k != "loss_scale"}
       return tf.train.Checkpoint(**{**state, "optimizer": self._loss_scaled})
     if not any(k.startswith("loss_scale/") for k in keys):
@@ -242,22 +249,44 @@ class Checkpointer:
     step = int(self.checkpoint.global_step.numpy())
     if step == self._last_saved_step:
       return self._last_saved_path
-    in_flight = self._options.experimental_enable_async_checkpoint
-    path = os.path.join(self._scratch or self.directory, f"ckpt-{step}")
+    path = os.path.join(self.manager.directory, f"ckpt-{step}")
     try:
-      self._last_saved_path = self.manager.save(checkpoint_number=step,
-                                                options=self._options)
-    except (tf.errors.OpError, OSError) as e:  # an async save fails here
-      failed = (self._last_saved_path if in_flight else None) or path
-      raise self._write_failed(failed, e) from None
-    self._last_saved_step = step
-    return self._last_saved_path
+      saved = self.manager.save(checkpoint_number=step, options=self._options)
+    except (tf.errors.OpError, OSError) as e:
+      # An async save in flight reports its failure here, at the next save.
+      raise self._write_failed(self._in_flight or path, e) from None
+    self._in_flight = (
+        saved if self._options.experimental_enable_async_checkpoint else None)
+    self._last_saved_step, self._last_saved_path = step, saved
+    return saved
+
+  def wait(self) -> None:
+    """Returns when the async save in flight, if any, is on disk.
+
+    Raises:
+      CheckpointWriteError: it failed (TensorFlow's `sync()` only joins the
+        writer thread; its error would surface at the next save, or never).
+    """
+    try:
+      self.checkpoint.sync()
+    except (tf.errors.OpError, OSError) as e:
+      raise self._write_failed(self._in_flight, e) from None
+    in_flight, self._in_flight = self._in_flight, None
+    if in_flight:
+      state = tf.train.get_checkpoint_state(self.manager.directory)
+      if not state or in_flight not in state.all_model_checkpoint_paths:
+        raise self._write_failed(in_flight, OSError(
+            "the background write did not complete (see the log above)"))
 
   def _write_failed(self, path: str, error: Exception) -> CheckpointWriteError:
-    """Removes what the failed save of `path` left behind, unless the state
-    file already names it (then it was written completely)."""
+    """Removes what the failed save of `path` left behind in this worker's
+    own directory, unless the state file already names it (then it was
+    written completely)."""
+    self._in_flight = None
     state = tf.train.get_checkpoint_state(self.manager.directory)
-    if not state or path not in state.all_model_checkpoint_paths:
+    mine = (os.path.realpath(os.path.dirname(path)) ==
+            os.path.realpath(self.manager.directory))
+    if mine and (not state or path not in state.all_model_checkpoint_paths):
       for leftover in glob.glob(glob.escape(path) + "[._]*"):
         with contextlib.suppress(OSError):
           if os.path.isdir(leftover):
@@ -273,9 +302,7 @@ class Checkpointer:
       CheckpointWriteError: the async save in flight failed.
     """
     try:
-      self.checkpoint.sync()
-    except (tf.errors.OpError, OSError) as e:
-      raise self._write_failed(self._last_saved_path, e) from None
+      self.wait()
     finally:
       if self._scratch:
         shutil.rmtree(self._scratch, ignore_errors=True)

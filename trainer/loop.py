@@ -196,6 +196,8 @@ class Trainer:
     elapsed = time.perf_counter() - start
     self._beat(f"the callbacks after step {first + int(out['steps'])} "
                "(logging, checkpoint)")
+    if self.watchdog is not None:
+      self.watchdog.arm()  # the first loop (tracing, compiles) is done
     steps = int(out["steps"])
     logs = {"loss": float(out["loss_sum"] / max(out["count"], 1.0)),
             "steps": steps, "examples": int(out["count"]),

@@ -79,10 +79,11 @@ def resnet(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
   """
   inputs = keras.Input(info.input_shape)
   # Every layer with variables is named: checkpoints key variables by path,
-  # and Keras' automatic names depend on what the process built before.
+  # and Keras' automatic names depend on what the process built before. The
+  # stem keeps the names a fresh process gave it, so older checkpoints load.
   x = keras.layers.Conv2D(cfg.width, 3, padding="same", use_bias=False,
-                          name="stem_conv")(inputs)
-  x = keras.layers.ReLU()(_bn(cfg.sync_batch_norm, "stem_bn")(x))
+                          name="conv2d")(inputs)
+  x = keras.layers.ReLU()(_bn(cfg.sync_batch_norm, "batch_normalization")(x))
   for stage in range(3):
     for block in range(cfg.depth):
       stride = 2 if stage > 0 and block == 0 else 1

@@ -44,7 +44,10 @@ class RunResult:
   seconds: float
   device: str
   is_chief: bool  # False on non-chief workers of a multi-worker run
-  preempted: bool  # stopped early by SIGTERM; the checkpoint is saved
+  preempted: bool  # stopped early by SIGTERM
+  # The latest checkpoint in the workdir at the end (None without one): at
+  # step `steps` unless the last host loop's loss was not finite.
+  checkpoint: str | None = None
 
 
 def testing_config(config: ml_collections.ConfigDict
@@ -83,9 +86,14 @@ def _per_replica_spec(train: task_lib.Examples,
 
 def run(config: ml_collections.ConfigDict, workdir: str | None, *,
         testing: bool = False, allow_config_change: bool = False,
-        callbacks: Sequence[keras.callbacks.Callback] = ()) -> RunResult:
+        callbacks: Sequence[keras.callbacks.Callback] = (),
+        task=None) -> RunResult:
   """Trains and evaluates as `config` says; writes into `workdir` if given.
 
+  `task` is a task object (trainer/task.py) to train instead of the one
+  `config.task` names, for notebooks and tests; config.json then records
+  its class as `task` (resuming from the launcher needs that class to be
+  importable and to take the config).
   `callbacks` are added to the ones the config asks for (`callbacks.*`).
   A workdir with a run in it is resumed; if its saved config differs in
   what defines the run (RUN_DEFINING_KEYS), that is refused unless
@@ -96,6 +104,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   """
   config_lib.validate(config)
   config = config.copy_and_resolve_references()  # run() fills in defaults
+  if task is not None:
+    task_lib.check_methods(task, f"{type(task).__name__} object")
+    config.task = f"{type(task).__module__}:{type(task).__qualname__}"
   if testing:
     config = testing_config(config)
   strategy = strategy_lib.build_strategy(
@@ -113,7 +124,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   if config.train.deterministic:
     tf.config.experimental.enable_op_determinism()
 
-  task = task_lib.load_task(config.task, config)
+  if task is None:
+    task = task_lib.load_task(config.task, config)
   train = task_lib.examples(task.train_data(), "train_data")
   evals = task_lib.examples(task.eval_data(), "eval_data")
   data_lib.check_train_batch(train, config.data.global_batch_size // n)
@@ -199,8 +211,12 @@ def _restore_and_train(config: ml_collections.ConfigDict,
         async_save=config.train.async_checkpoint,
         extra={"pruning_masks": dict(trainer.pruner.masks)}
         if trainer.pruner else None)
-    checkpointer.restore_latest()
-    trainer.check_same_step()
+    try:
+      checkpointer.restore_latest()
+      trainer.check_same_step()
+    except BaseException:
+      checkpointer.close()  # a worker's scratch directory
+      raise
     new_lr = float(config.optimizer.learning_rate)
     if (saved and config.optimizer.schedule == "constant" and
         saved.get("optimizer.learning_rate") != new_lr):
@@ -242,7 +258,8 @@ def _restore_and_train(config: ml_collections.ConfigDict,
   device = trainer.strategy.extended.worker_devices[0]
   return RunResult(logs=logs, steps=int(trainer.global_step.numpy()),
                    seconds=time.perf_counter() - start, device=device,
-                   is_chief=chief, preempted=trainer.preempted)
+                   is_chief=chief, preempted=trainer.preempted,
+                   checkpoint=checkpointer and checkpointer.latest_checkpoint())
 
 
 def _fit_with_recovery(trainer: Trainer, config: ml_collections.ConfigDict,
@@ -273,7 +290,7 @@ def _fit_with_recovery(trainer: Trainer, config: ml_collections.ConfigDict,
           callbacks=callbacks)
     except TrainingDiverged as e:
       if checkpointer and recoveries < config.train.nan_recovery:
-        checkpointer.checkpoint.sync()  # this worker's async save, if any
+        checkpointer.wait()  # this worker's async save, if any
         trainer.barrier()  # ... and every other worker's
       latest = checkpointer.latest_checkpoint() if checkpointer else None
       if recoveries >= config.train.nan_recovery or latest is None:

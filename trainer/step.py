@@ -76,13 +76,25 @@ def call_nonempty(compute_loss: ComputeLoss, model, batch, training):
   return per_example[:n], tf.nest.map_structure(lambda t: t[:n], y_pred)
 
 
+BATCH_NORM_STATISTICS = ("moving_mean", "moving_variance", "moving_stddev",
+                         "renorm_mean", "renorm_stddev")
+
+
 def replica_statistics(model) -> list:
-  """The model's non-trainable float variables that each replica updates on
-  its own: batch-norm moving statistics (Keras 3 gives them no aggregation,
-  so under MirroredStrategy each replica keeps a different copy; DESIGN.md
-  fact 19). The train step averages them over the replicas every step."""
-  return [v for v in model.non_trainable_variables
-          if v.aggregation == "none" and "float" in str(v.dtype)]
+  """The moving statistics that each replica updates on its own: those of
+  the model's unsynchronized, trainable BatchNormalization layers (Keras 3
+  gives them no aggregation, so under MirroredStrategy each replica keeps a
+  different copy; DESIGN.md fact 19). The train step averages them over the
+  replicas every step. Nothing else is touched: frozen layers, synchronized
+  batch norm (already global) and other non-trainable state (an RNN's
+  per-replica state, a user's buffers) stay as they are."""
+  stats = []
+  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+    if (isinstance(layer, keras.layers.BatchNormalization) and
+        layer.trainable and not getattr(layer, "synchronized", False)):
+      stats += [getattr(layer, name) for name in BATCH_NORM_STATISTICS
+                if getattr(layer, name, None) is not None]
+  return stats
 
 
 def _has_synchronized_bn(model) -> bool:
@@ -181,6 +193,8 @@ class TrainStep:
             batch, tf.constant(1.0))(stage="hlo")
     except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError,
             ValueError) as e:  # ValueError: "Failed getting HLO text: ..."
+      if isinstance(e, ValueError) and "HLO" not in str(e):
+        raise  # the model's own bug, not XLA's refusal
       first = str(e).strip().splitlines()[0] if str(e).strip() else ""
       first = first.replace("Failed getting HLO text: '", "")
       raise ConfigError(

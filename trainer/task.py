@@ -92,13 +92,18 @@ def load_task(spec: str, config):
   if factory is None:
     raise ConfigError(f"task {spec!r}: {where} has no {name!r}")
   task = factory(config)
+  check_methods(task, f"task {spec!r}")
+  return task
+
+
+def check_methods(task, what: str) -> None:
+  """Raises ConfigError naming the required methods `task` lacks."""
   missing = [m for m in REQUIRED if not callable(getattr(task, m, None))]
   if missing:
     raise ConfigError(
-        f"task {spec!r}: {type(task).__name__} has no method "
+        f"{what}: {type(task).__name__} has no method "
         f"{', '.join(missing)}; a task has {', '.join(REQUIRED)} "
         f"(and optionally {', '.join(OPTIONAL)})")
-  return task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +119,6 @@ class Examples:
   dataset: tf.data.Dataset
   arrays: tuple | None
   size: int | None
-
-
-def _length(tree) -> set:
-  return {len(a) for a in tf.nest.flatten(tree)}
 
 
 def examples(value, method: str) -> Examples:
@@ -145,11 +146,14 @@ def examples(value, method: str) -> Examples:
   parts = ("x", "y", "sample_weight")
   lengths = {}
   for label, part in zip(parts, arrays):
-    sizes = _length(part)
-    if len(sizes) != 1 or min(a.ndim for a in tf.nest.flatten(part)) == 0:
+    if any(a.ndim == 0 for a in tf.nest.flatten(part)):
+      raise DataError(f"{what} a scalar as {label}; return arrays (x, y) or "
+                      "(x, y, sample_weight) with one row per example")
+    sizes = {len(a) for a in tf.nest.flatten(part)}
+    if len(sizes) != 1:
       raise DataError(f"{what} {label} whose arrays have different lengths "
-                      f"{sorted(sizes)} (or are scalars); every array holds "
-                      "one row per example")
+                      f"{sorted(sizes)}; every array holds one row per "
+                      "example")
     lengths[label] = sizes.pop()
   if len(set(lengths.values())) != 1:
     detail = ", ".join(f"{k} with {v}" for k, v in lengths.items())

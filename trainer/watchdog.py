@@ -7,10 +7,16 @@ or stopped heartbeating. A timeout on each collective would catch it, but
 TensorFlow keeps one OS thread alive per collective for the whole timeout
 (DESIGN.md fact 15: ~900 threads/s per worker, dead in 20 s). This costs one
 thread per process instead: the train loop calls `beat()` at every host-loop
-boundary; if no beat arrives for `timeout` seconds, the watchdog prints one
-`error:` line and every thread's Python stack to stderr and ends the process
-with EXIT_STALLED. The other workers then fail fast (a dead peer), or time
-out the same way.
+boundary; if no beat arrives in time, the watchdog prints one `error:` line
+and every thread's Python stack to stderr and ends the process with
+EXIT_STALLED. The other workers then fail fast (a dead peer), or time out the
+same way.
+
+In time means: until the first host loop has finished (tracing, XLA
+compiles, filling buffers, a resumed dataset skipping what it had read),
+STARTUP_FACTOR x `timeout`; after that, `timeout` or 3 x the longest gap
+between beats seen so far, whichever is longer, so slow but steady work
+(long steps, a long evaluation) never trips it.
 """
 
 import faulthandler
@@ -19,7 +25,11 @@ import sys
 import threading
 import time
 
+from absl import logging
+
 EXIT_STALLED = 4  # launch.train's status when the watchdog ends a worker
+STARTUP_FACTOR = 10  # the first host loop may take this many timeouts
+SLACK = 3  # later gaps may take this many times the longest one seen
 
 
 class Watchdog:
@@ -37,17 +47,36 @@ class Watchdog:
     self.timeout, self.name = float(timeout), name
     self._last = time.monotonic()
     self._what = "starting"
+    self._armed = False
+    self._longest = 0.0  # the longest gap between beats since armed
+    self._warned = False
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._watch, daemon=True,
                                     name="trainer-watchdog")
     self._thread.start()
 
+  @property
+  def limit(self) -> float:
+    """Seconds without a beat after which the process is ended."""
+    if not self._armed:
+      return STARTUP_FACTOR * self.timeout
+    return max(self.timeout, SLACK * self._longest)
+
   def beat(self, what: str = "") -> None:
     """Records progress; `what` names the phase that follows (for the error
     message), e.g. "train steps 100-150"."""
-    self._last = time.monotonic()
+    now = time.monotonic()
+    if self._armed:
+      self._longest = max(self._longest, now - self._last)
+    self._last, self._warned = now, False
     if what:
       self._what = what
+
+  def arm(self) -> None:
+    """The first host loop is done: from now on the normal limit applies."""
+    if not self._armed:
+      self.beat()
+      self._armed = True
 
   def close(self) -> None:
     """Stops watching (the run is over); joins the thread."""
@@ -62,9 +91,14 @@ class Watchdog:
 
   def _watch(self) -> None:
     while not self._stop.wait(min(1.0, self.timeout / 4)):
-      idle = time.monotonic() - self._last
-      if idle >= self.timeout:
+      idle, limit = time.monotonic() - self._last, self.limit
+      if idle >= limit:
         self._fire(idle)
+      elif idle >= limit / 2 and not self._warned:
+        self._warned = True
+        logging.warning("%s: no progress for %.0f s (in %s); the watchdog "
+                        "ends it at %.0f s", self.name, idle, self._what,
+                        limit)
 
   def _fire(self, idle: float) -> None:
     sys.stderr.write(

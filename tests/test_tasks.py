@@ -1,0 +1,242 @@
+"""Users' own experiments (trainer/task.py) through the launcher: the three
+examples in configs/ on 2 replicas, exact resume after SIGKILL, a task file
+outside the repository, and every kind of broken task as one error line
+with nothing written."""
+
+import os
+import re
+import signal
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, run_module
+from trainer.callbacks import read_metrics
+from trainer.config import default_config
+from trainer.errors import ConfigError, DataError
+from trainer.run import run
+
+HELPERS = {"PYTHONPATH": os.path.join(ROOT, "tests", "helpers")}
+EXAMPLES = {  # config -> (overrides, a train/ key its metrics log)
+    "custom_dense": ([], "train/accuracy"),
+    "regression": (["--config.train.steps=60"], "train/r2"),
+    "sequence": (["--config.train.steps=60"], "train/accuracy"),
+}
+
+
+def _variables(workdir) -> dict[str, np.ndarray]:
+  reader = tf.train.load_checkpoint(str(workdir / "checkpoints"))
+  return {name: reader.get_tensor(name)
+          for name in reader.get_variable_to_shape_map()
+          if "save_counter" not in name and "OBJECT_GRAPH" not in name}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_on_2_replicas_resumes_bit_identically_after_sigkill(
+    name, tmp_path):
+  overrides, metric = EXAMPLES[name]
+  flags = [f"--config=configs/{name}.py", *overrides,
+           "--config.distribution.strategy=mirrored",
+           "--config.distribution.num_cpu_devices=2",
+           "--config.train.deterministic=True",
+           "--config.train.steps_per_loop=5",
+           "--config.train.checkpoint_every=10",
+           "--config.callbacks.progress_bar=False",
+           "--config.callbacks.custom=recorder:KillAt"]
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  done = run_module("launch.train", *flags, f"--workdir={straight}",
+                    env=HELPERS)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.splitlines()[-1].startswith("done: ")
+  assert "2 replica(s)" in done.stderr
+  assert metric in read_metrics(straight)[-1] or any(
+      metric in r for r in read_metrics(straight))
+  proc = run_module("launch.train", *flags, f"--workdir={killed}",
+                    env={**HELPERS, "KILL_AT_STEP": "15"})
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  again = run_module("launch.train", *flags, f"--workdir={killed}",
+                     env=HELPERS)
+  assert again.returncode == 0, again.stderr[-3000:]
+  restored = re.search(r"restored \S+ckpt-\d+ \(step (\d+)\)", again.stderr)
+  assert restored and 0 < int(restored.group(1)) < 15, again.stderr[-2000:]
+  want, got = _variables(straight), _variables(killed)
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+  if name == "custom_dense":  # the task's own callback, once per epoch
+    assert [l for l in done.stdout.splitlines()
+            if l.startswith("epoch ")][-1].startswith("epoch 10: loss ")
+
+
+@pytest.mark.slow
+def test_sequence_example_trains_on_two_workers_like_two_replicas(tmp_path):
+  """configs/sequence.py (dict input, Embedding, Lambda) as a 2-worker job
+  on localhost: the same variables as 2 mirrored replicas in one process."""
+  flags = ["--config=configs/sequence.py", "--config.train.steps=40",
+           "--config.train.steps_per_loop=10",
+           "--config.train.deterministic=True",
+           "--config.callbacks.progress_bar=False"]
+  job = run_module("launch.local", "--num_workers=2", "--", *flags,
+                   f"--workdir={tmp_path / 'workers'}", timeout=300)
+  assert job.returncode == 0, job.stderr[-3000:]
+  assert "[worker 0] done: 40 steps" in job.stdout
+  one = run_module("launch.train", *flags, f"--workdir={tmp_path / 'one'}",
+                   "--config.distribution.strategy=mirrored",
+                   "--config.distribution.num_cpu_devices=2")
+  assert one.returncode == 0, one.stderr[-3000:]
+  want, got = _variables(tmp_path / "one"), _variables(tmp_path / "workers")
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+
+
+def _write(folder, name, text) -> str:
+  path = os.path.join(folder, name)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(textwrap.dedent(text))
+  return path
+
+
+TASK_FILE = """
+    import keras
+    import numpy as np
+
+
+    class Task:
+      def __init__(self, config):
+        rng = np.random.default_rng(0)
+        self.x = rng.random((64, 4), dtype=np.float32)
+        self.y = rng.integers(0, 3, size=64).astype(np.int32)
+
+      def build_model(self):
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+
+      def train_data(self):
+        return self.x, self.y
+
+      def eval_data(self):
+        return self.x, self.y
+
+      def build_losses(self, labels, logits):
+        return keras.losses.sparse_categorical_crossentropy(
+            labels, logits, from_logits=True)
+
+      def build_metrics(self):
+        return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+"""
+
+BROKEN = {  # name -> (what replaces what in TASK_FILE, error, message)
+    "missing_method": (("def build_metrics", "def metrics"), ConfigError,
+                       "has no method build_metrics"),
+    "lengths_differ": (("return self.x, self.y\n\n  def eval",
+                        "return self.x, self.y[:60]\n\n  def eval"),
+                       DataError, "train_data() returned x with 64, y with 60"
+                       " examples"),
+    "not_arrays": (("return self.x, self.y\n\n  def eval",
+                    "return [1, 2, 3]\n\n  def eval"), DataError,
+                   "train_data() returned a scalar as x"),
+    "loss_not_per_example": (
+        ("return keras.losses.sparse_categorical_crossentropy(\n"
+         "        labels, logits, from_logits=True)",
+         "return keras.ops.mean(keras.losses.sparse_categorical_crossentropy"
+         "(\n        labels, logits, from_logits=True))"),
+        ConfigError, "returned shape () for 2 examples; it must return one "
+        "loss per example"),
+    "outputs_do_not_fit_labels": (
+        ("keras.layers.Dense(3)", "keras.layers.Dense(3), "
+         "keras.layers.Reshape((3, 1))"), ConfigError,
+        "build_losses(labels (2,), model_outputs (2, 3, 1)) failed"),
+    "model_does_not_take_x": (
+        ("keras.Input((4,))", "keras.Input((5,))"), ConfigError,
+        "the model from build_model() does not take x from train_data() "
+        "(2 examples, shape (2, 4))"),
+}
+
+
+def _config(task: str):
+  config = default_config()
+  config.task = task
+  config.data.global_batch_size = 16
+  config.data.eval_batch_size = 16
+  config.train.steps = 8
+  config.train.steps_per_loop = 4
+  config.callbacks.progress_bar = False
+  config.callbacks.tensorboard = False
+  return config
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_broken_task_is_one_error_naming_the_method_and_writes_nothing(
+    case, tmp_path):
+  (old, new), error, message = BROKEN[case]
+  text = textwrap.dedent(TASK_FILE)
+  old = textwrap.dedent(old)
+  assert old in text, old
+  path = _write(tmp_path, f"broken_{case}.py", text.replace(old, new))
+  with pytest.raises(error) as raised:
+    run(_config(f"{path}:Task"), str(tmp_path / "run"))
+  assert message in str(raised.value)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("no_such_module:Task", "cannot import 'no_such_module'"),
+    ("configs.regression:NoSuchTask", "configs.regression has no "
+     "'NoSuchTask'"),
+    ("configs/no_such_file.py:Task", "file 'configs/no_such_file.py' does not "
+     "exist"),
+    ("configs.regression", "must look like 'package.module:Name'"),
+])
+def test_a_task_that_cannot_be_found_is_a_config_error(spec, message,
+                                                       tmp_path):
+  with pytest.raises(ConfigError) as e:
+    run(_config(spec), str(tmp_path / "run"))
+  assert message in str(e.value)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_task_file_outside_the_repository_runs_from_its_own_config(
+    tmp_path):
+  """A user's folder with a task file and a config next to it, run from
+  the launcher by path; a broken task there is one line and exit 2."""
+  task = _write(tmp_path, "my_task.py", TASK_FILE)
+  config = _write(tmp_path, "my_config.py", f"""
+      from trainer.config import default_config
+
+
+      def get_config():
+        c = default_config()
+        c.task = {task + ':Task'!r}
+        c.data.global_batch_size = 16
+        c.train.steps = 20
+        c.train.steps_per_loop = 5
+        return c
+  """)
+  proc = run_module("launch.train", f"--config={config}",
+                    f"--workdir={tmp_path / 'run'}",
+                    "--config.callbacks.progress_bar=False")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines()[-1].startswith(
+      "done: 20 steps in ") and "eval accuracy" in proc.stdout
+  bad = run_module("launch.train", f"--config={config}",
+                   f"--workdir={tmp_path / 'bad'}",
+                   "--config.task=" + task + ":Nope")
+  assert bad.returncode == 2
+  last = bad.stderr.strip().splitlines()[-1]
+  assert last == f"error: task '{task}:Nope': {task[:-3]}.py has no 'Nope'"
+  assert not (tmp_path / "bad").exists()
+
+
+def test_run_takes_a_task_object(tmp_path):
+  """`trainer.run.run(config, workdir, task=...)` for notebooks."""
+  namespace = {}
+  exec(compile(textwrap.dedent(TASK_FILE), "task", "exec"), namespace)  # pylint: disable=exec-used
+  result = run(_config("unused:Unused"), str(tmp_path),
+               task=namespace["Task"](None))
+  assert result.steps == 8 and np.isfinite(result.logs["eval/loss"])
+  assert result.logs["eval/num_examples"] == 64
