@@ -63,3 +63,26 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_next_run_resumes(
   assert again.returncode == 0, again.stderr[-2000:]
   assert f"restored {ckpts}/ckpt-{intact} (step {intact})" in again.stderr
   assert "done: 600 steps" in again.stdout
+
+
+def test_a_failed_final_async_save_is_an_error_not_done(small_disk):
+  """The last save is asynchronous and nothing saves after it, so its
+  failure surfaced nowhere: the run printed `done:` and exited 0."""
+  (small_disk / "filler").write_bytes(b"\0" * (800 << 10))  # 224 KiB left
+  workdir = small_disk / "run"
+  proc = run_module("launch.train", "--config=configs/digits.py",
+                    f"--workdir={workdir}", "--config.train.steps=100",
+                    "--config.train.checkpoint_every=0",
+                    "--config.callbacks.tensorboard=False",
+                    "--config.callbacks.progress_bar=False",
+                    "--config.train.async_checkpoint=True", timeout=120)
+  assert proc.returncode == 5, proc.stderr[-2000:]
+  assert "done:" not in proc.stdout and "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert errors == [
+      f"error: the disk is full: checkpoint {workdir}/checkpoints/ckpt-100 "
+      "could not be written; there is no earlier checkpoint, the same "
+      "command starts over: free some space (or lower "
+      "train.max_checkpoints) and rerun"], proc.stderr[-2000:]
+  assert not [n for n in os.listdir(workdir / "checkpoints")
+              if n.startswith("ckpt-100")]

@@ -271,6 +271,13 @@ class Checkpointer:
       self.checkpoint.sync()
     except (tf.errors.OpError, OSError) as e:
       raise self._write_failed(self._in_flight, e) from None
+    # The writer thread keeps its error for the next save (or re-raises it
+    # at interpreter exit, as a traceback after `done:`): take it now.
+    helper = getattr(self.checkpoint, "_async_checkpointer_impl", None)
+    error = getattr(helper, "_async_error", None)
+    if error is not None:
+      helper._async_error = None  # pylint: disable=protected-access
+      raise self._write_failed(self._in_flight, error) from None
     in_flight, self._in_flight = self._in_flight, None
     if in_flight:
       state = tf.train.get_checkpoint_state(self.manager.directory)
