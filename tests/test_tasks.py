@@ -240,3 +240,21 @@ def test_run_takes_a_task_object(tmp_path):
                task=namespace["Task"](None))
   assert result.steps == 8 and np.isfinite(result.logs["eval/loss"])
   assert result.logs["eval/num_examples"] == 64
+
+
+def test_monitor_direction_comes_from_the_tasks_metrics():
+  """EarlyStopping's own `auto` failed on any metric but the loss (the
+  model is never compiled, so Keras cannot see the metrics)."""
+  import keras  # pylint: disable=import-outside-toplevel
+  from configs.regression import RSquared  # pylint: disable=import-outside-toplevel
+  from trainer.callbacks.best_model import resolve_mode  # pylint: disable=import-outside-toplevel
+  metrics = [RSquared(), keras.metrics.MeanAbsoluteError(name="mae"),
+             keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+  assert resolve_mode("auto", "val_mae", metrics) == "min"
+  assert resolve_mode("auto", "val_accuracy", metrics) == "max"
+  assert resolve_mode("auto", "val_loss", metrics) == "min"
+  assert resolve_mode("max", "val_r2", metrics) == "max"
+  with pytest.raises(ConfigError, match="cannot tell whether 'val_r2' should "
+                     "go up or down: set --config.callbacks.early_stopping"
+                     ".mode=max or min"):
+    resolve_mode("auto", "val_r2", metrics, "callbacks.early_stopping.mode")

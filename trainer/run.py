@@ -169,7 +169,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   callbacks = [*callbacks, *(task.callbacks() if hasattr(task, "callbacks")
                              else ()),
                *callbacks_lib.build_callbacks(config, workdir,
-                                              testing=testing)]
+                                              testing=testing,
+                                              metrics=metrics)]
   chief = trainer.is_chief
   if not chief:
     logging.set_verbosity(logging.WARNING)  # the chief reports progress

@@ -18,7 +18,7 @@ import keras
 import ml_collections
 
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
-from trainer.callbacks.best_model import BestModelExport
+from trainer.callbacks.best_model import BestModelExport, resolve_mode
 from trainer.callbacks.csv_log import EpochCSVLogger
 from trainer.callbacks.metrics_log import MetricsLogger, read_metrics
 from trainer.callbacks.progress import ProgressBar
@@ -58,8 +58,13 @@ def load_custom_callbacks(spec: str) -> list[keras.callbacks.Callback]:
 
 
 def build_callbacks(config: ml_collections.ConfigDict, workdir: str | None,
-                    *, testing: bool = False) -> list[keras.callbacks.Callback]:
-  """The callbacks `config.callbacks` asks for, writing under `workdir`."""
+                    *, testing: bool = False,
+                    metrics=()) -> list[keras.callbacks.Callback]:
+  """The callbacks `config.callbacks` asks for, writing under `workdir`.
+
+  `metrics`: the task's Keras metrics, to tell which way a monitored one
+  improves (`mode=auto`).
+  """
   cfg = config.callbacks
   callbacks = load_custom_callbacks(cfg.custom)
   callbacks.append(MetricsLogger(
@@ -67,7 +72,9 @@ def build_callbacks(config: ml_collections.ConfigDict, workdir: str | None,
   if cfg.early_stopping.monitor:
     es = cfg.early_stopping
     callbacks.append(keras.callbacks.EarlyStopping(
-        monitor=es.monitor, mode=es.mode, patience=es.patience,
+        monitor=es.monitor, mode=resolve_mode(
+            es.mode, es.monitor, metrics, "callbacks.early_stopping.mode"),
+        patience=es.patience,
         min_delta=es.min_delta, restore_best_weights=es.restore_best_weights))
   if testing:
     return callbacks
@@ -81,5 +88,5 @@ def build_callbacks(config: ml_collections.ConfigDict, workdir: str | None,
   if workdir and cfg.best_model.monitor:
     callbacks.append(BestModelExport(
         os.path.join(workdir, "best"), monitor=cfg.best_model.monitor,
-        mode=cfg.best_model.mode, keep=cfg.best_model.keep))
+        mode=cfg.best_model.mode, keep=cfg.best_model.keep, metrics=metrics))
   return callbacks

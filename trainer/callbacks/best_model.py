@@ -16,15 +16,31 @@ from trainer.errors import ConfigError
 
 
 
-def resolve_mode(mode: str, monitor: str) -> str:
-  """`auto` is `max` for accuracy-like metrics, else `min` (as in Keras)."""
+def resolve_mode(mode: str, monitor: str, metrics=(),
+                 setting: str = "callbacks.best_model.mode") -> str:
+  """`min` or `max` for `monitor` (an epoch log key such as `val_r2`).
+
+  `auto` is `min` for a loss; for one of `metrics` (the task's Keras
+  metrics) the direction Keras gives it (accuracy up, MAE down); else `max`
+  for accuracy-like names. A metric of unknown direction (your own Metric
+  subclass) needs `mode` set: that is a ConfigError, not a guess.
+  """
   if mode not in MODES:
     raise ConfigError(f"unknown mode {mode!r} for {monitor!r}; use one of: "
                       f"{', '.join(MODES)}")
   if mode != "auto":
     return mode
-  return "max" if any(s in monitor for s in ("acc", "auc", "precision",
-                                             "recall")) else "min"
+  name = monitor.removeprefix("val_")
+  if name == "loss" or name.endswith("_loss"):
+    return "min"
+  direction = next((getattr(m, "_direction", None) for m in metrics
+                    if m.name == name), None)
+  if direction in ("up", "down"):
+    return "max" if direction == "up" else "min"
+  if any(s in name for s in ("acc", "auc", "precision", "recall")):
+    return "max"
+  raise ConfigError(f"cannot tell whether {monitor!r} should go up or down: "
+                    f"set --config.{setting}=max or min")
 
 
 class BestModelExport(TrainerCallback):
@@ -33,19 +49,20 @@ class BestModelExport(TrainerCallback):
   Args:
     directory: e.g. WORKDIR/best.
     monitor: an epoch log key, e.g. `val_accuracy` or `val_loss`.
-    mode: `min`, `max` or `auto`.
+    mode: `min`, `max` or `auto` (see `resolve_mode`).
     keep: how many models to keep.
+    metrics: the run's Keras metrics, for `auto`.
   """
 
   chief_only = True
 
   def __init__(self, directory: str, *, monitor: str, mode: str = "auto",
-               keep: int = 1):
+               keep: int = 1, metrics=()):
     super().__init__()
     if keep < 1:
       raise ConfigError(f"best model keep must be >= 1, got {keep}")
     self.directory, self.monitor, self.keep = directory, monitor, keep
-    self.mode = resolve_mode(mode, monitor)
+    self.mode = resolve_mode(mode, monitor, metrics)
     self.index_path = os.path.join(directory, "index.json")
     self.kept: list[dict] = []  # {"path", "value", "step", "epoch"}, best first
     self._warned = False
