@@ -258,3 +258,17 @@ def test_monitor_direction_comes_from_the_tasks_metrics():
                      "go up or down: set --config.callbacks.early_stopping"
                      ".mode=max or min"):
     resolve_mode("auto", "val_r2", metrics, "callbacks.early_stopping.mode")
+
+
+def test_the_builtin_task_logs_the_same_keys_as_before(tmp_path):
+  """Digits through the Task interface: metrics.jsonl keeps its keys."""
+  config = _config(default_config().task)
+  config.data.global_batch_size = 64
+  config.train.steps, config.train.steps_per_loop = 20, 10
+  run(config, str(tmp_path))
+  keys = set().union(*read_metrics(tmp_path))
+  assert keys == {
+      "step", "eval/accuracy", "eval/loss", "eval/num_examples",
+      "train/accuracy", "train/examples", "train/examples_per_sec",
+      "train/grad_norm", "train/learning_rate", "train/loop_loss",
+      "train/loss", "train/skipped_steps", "train/step_time", "train/steps"}
