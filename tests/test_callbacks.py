@@ -79,7 +79,7 @@ def test_user_callback_sees_every_hook_in_order(mirrored):
   *_, train, test = _datasets()
   recorder = HookRecorder()
   _trainer(mirrored, steps_per_loop=2).fit(
-      train, steps=6, steps_per_epoch=3, eval_data=test, callbacks=[recorder])
+      train, steps=6, steps_per_epoch=3, validation_data=test, callbacks=[recorder]).last_logs
   epoch_keys = ["accuracy", "learning_rate", "loss", "val_accuracy",
                 "val_loss"]
   one_epoch = lambda e: [("epoch_begin", e), ("batch_begin", 0),
@@ -135,7 +135,7 @@ def test_logs_loss_equals_numpy_loss_over_the_global_batch(mirrored):
   x, y, train, _ = _datasets()
   seen = WeightsAndLogs()
   _trainer(mirrored, lr=0.5).fit(train, steps=4, steps_per_epoch=1,
-                                 callbacks=[seen])
+                                 callbacks=[seen]).last_logs
   assert len(seen.logs) == 4
   for i, (weights, logs) in enumerate(zip(seen.weights, seen.logs)):
     batch = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
@@ -150,7 +150,7 @@ def test_batch_logs_average_over_the_epoch_so_far(mirrored):
   x, y, train, _ = _datasets()
   seen = WeightsAndLogs()
   _trainer(mirrored, lr=0.5).fit(train, steps=3, steps_per_epoch=3,
-                                 callbacks=[seen])
+                                 callbacks=[seen]).last_logs
   losses = [_numpy_loss_and_accuracy(w, x[i * 8:(i + 1) * 8],
                                      y[i * 8:(i + 1) * 8])[0]
             for i, w in enumerate(seen.weights)]
@@ -163,7 +163,7 @@ def test_early_stopping_stops_a_mirrored_run_at_the_expected_step(mirrored):
   stopper = keras.callbacks.EarlyStopping(monitor="val_loss", min_delta=100,
                                           patience=1)
   trainer = _trainer(mirrored)
-  trainer.fit(train, steps=50, steps_per_epoch=5, eval_data=test,
+  trainer.fit(train, steps=50, steps_per_epoch=5, validation_data=test,
               callbacks=[stopper])
   # Epoch 0 sets the best; epoch 1 cannot improve by 100: stop after it.
   assert stopper.stopped_epoch == 1
@@ -182,7 +182,7 @@ def test_early_stopping_restores_the_best_weights(mirrored):
   trainer = _trainer(mirrored, lr=3.0)  # large steps: val_loss goes up
   stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=2,
                                           restore_best_weights=True)
-  trainer.fit(train, steps=40, steps_per_epoch=2, eval_data=test,
+  trainer.fit(train, steps=40, steps_per_epoch=2, validation_data=test,
               callbacks=[keras.callbacks.LambdaCallback(
                   on_epoch_end=remember), stopper])
   for got, want in zip(trainer.model.get_weights(), best["loss"][1]):
@@ -194,7 +194,7 @@ def test_reduce_lr_on_plateau_changes_the_rate_the_step_uses(mirrored):
   *_, train, test = _datasets()
   trainer = _trainer(mirrored, lr=0.1)
   epochs = []
-  trainer.fit(train, steps=6, steps_per_epoch=2, eval_data=test, callbacks=[
+  trainer.fit(train, steps=6, steps_per_epoch=2, validation_data=test, callbacks=[
       keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                         patience=0, min_delta=100),
       keras.callbacks.LambdaCallback(
@@ -227,7 +227,7 @@ def test_terminate_on_nan_stops_after_the_first_bad_loop(mirrored, policy):
   policy("mixed_float16")  # the loss scale skips the step; the loss is NaN
   trainer = _trainer(mirrored)
   logs = trainer.fit(_nan_at_step_3(), steps=8, steps_per_epoch=4,
-                     callbacks=[keras.callbacks.TerminateOnNaN()])
+                     callbacks=[keras.callbacks.TerminateOnNaN()]).last_logs
   assert np.isnan(logs["loss"]) and logs["skipped_steps"] == 1
   assert int(trainer.global_step.numpy()) == 3
 
@@ -244,7 +244,7 @@ def test_nan_loss_in_float32_raises_before_any_callback_sees_it(mirrored):
 def test_csv_logger_writes_one_row_per_epoch(mirrored, tmp_path):
   *_, train, test = _datasets()
   path = tmp_path / "log.csv"
-  _trainer(mirrored).fit(train, steps=6, steps_per_epoch=2, eval_data=test,
+  _trainer(mirrored).fit(train, steps=6, steps_per_epoch=2, validation_data=test,
                          callbacks=[keras.callbacks.CSVLogger(str(path))])
   with open(path, encoding="utf-8") as f:
     rows = list(csv.DictReader(f))

@@ -122,9 +122,9 @@ def _train(case, strategy, replicas, workdir):
         global_step=trainer.global_step,
         extra=extra(trainer)).restore_latest() == 2
     skip = 2 * GLOBAL_BATCH
-    logs = trainer.fit(_batches(x[skip:], y[skip:]), steps=STEPS + 5)
+    logs = trainer.fit(_batches(x[skip:], y[skip:]), steps=STEPS + 5).last_logs
   else:
-    logs = trainer.fit(_batches(x, y), steps=STEPS + 5)  # data runs out
+    logs = trainer.fit(_batches(x, y), steps=STEPS + 5).last_logs  # data runs out
   assert int(trainer.global_step.numpy()) == STEPS
   return logs, trainer.evaluate(_batches(eval_x, eval_y)), trainer
 

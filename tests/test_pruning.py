@@ -67,7 +67,7 @@ def test_exact_sparsity_and_same_masks_on_two_replicas(mirrored, one_device):
   weights = []
   for strategy in (one_device, mirrored):
     trainer = _pruned_trainer(strategy, schedule)
-    logs = trainer.fit(data, steps=30)
+    logs = trainer.fit(data, steps=30).last_logs
     kernels = {k.path: k.numpy() for k in trainer.pruner.kernels}
     assert len(kernels) == 2  # the two hidden kernels; logits excluded
     for path, kernel in kernels.items():

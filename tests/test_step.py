@@ -39,7 +39,7 @@ def _train(strategy, x, y, *, global_batch, steps, optimizer, clipnorm=0.0,
   trainer = Trainer(model=model, optimizer=optimizer, loss=LOSS,
                     strategy=strategy, steps_per_loop=steps_per_loop,
                     global_clipnorm=clipnorm)
-  logs = trainer.fit(_finite_input(x, y, global_batch), steps=steps)
+  logs = trainer.fit(_finite_input(x, y, global_batch), steps=steps).last_logs
   return trainer, logs
 
 
@@ -151,7 +151,7 @@ def test_gradient_accumulation_equals_the_large_batch_on_two_replicas(
                       loss=LOSS, strategy=mirrored, steps_per_loop=2,
                       grad_accum_steps=accum,
                       metrics=[keras.metrics.SparseCategoricalAccuracy()])
-    logs = trainer.fit(_finite_input(x, y, 32), steps=10)
+    logs = trainer.fit(_finite_input(x, y, 32), steps=10).last_logs
     runs.append((model.get_weights(), logs))
   (large, large_logs), (accumulated, accumulated_logs) = runs
   for a, b in zip(large, accumulated):
@@ -234,7 +234,7 @@ def test_trainer_without_a_strategy_uses_the_default_one():
   trainer = Trainer(model=_model(tf.distribute.get_strategy()),
                     optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
   logs = trainer.fit(_finite_input(x, y, 16), steps=3,
-                     eval_data=_finite_input(x, y, 16))
+                     validation_data=_finite_input(x, y, 16)).last_logs
   assert int(trainer.global_step.numpy()) == 3
   assert logs["eval/num_examples"] == 40
 
@@ -278,7 +278,7 @@ def test_accumulation_on_a_partial_batch_never_runs_an_empty_micro_batch(
   trainer = Trainer(model=_bn_model(one_device),
                     optimizer=keras.optimizers.SGD(0.1), loss=LOSS,
                     strategy=one_device, grad_accum_steps=4)
-  logs = trainer.fit(_finite_input(x, y, 16), steps=5)
+  logs = trainer.fit(_finite_input(x, y, 16), steps=5).last_logs
   assert logs["examples"] == num_examples - 16 and np.isfinite(
       logs["grad_norm"])
   for weight in trainer.model.get_weights():  # BN statistics included

@@ -1,45 +1,36 @@
-"""The Trainer: the outer training loop, evaluation, and the Python API.
+"""The Trainer: the outer training loop and the Python API (fit, evaluate,
+predict in Keras' words).
 
 `train_steps` runs `steps_per_loop` train steps per host call: a `tf.range`
 loop inside one `tf.function` (as in Orbit's loop_fns), each step a
 `strategy.run` of the per-replica step in trainer/step.py. A finite dataset
 ends the loop early; a partial last batch is averaged over its real size.
+Inputs: trainer/inputs.py; evaluation: trainer/evaluation.py; prediction:
+trainer/predict.py; how long fit trains: trainer/fit_plan.py.
 """
 
 import math
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import keras
 import tensorflow as tf
 
-from trainer import precision
-from trainer.pruning import Pruner, PruningSchedule
+from trainer import inputs, precision
 from trainer.agreement import WorkerAgreement
-from trainer.errors import TrainingDiverged
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
+from trainer.errors import TrainingDiverged
+from trainer.evaluation import Evaluator
+from trainer.fit_plan import FitPlan
+from trainer.predict import Predictor
+from trainer.pruning import Pruner, PruningSchedule
+from trainer.step import (ComputeLoss, TrainStep, make_compute_loss,
+                          resolve_loss)
 from trainer.strategy import is_chief, num_workers
-from trainer.step import (ComputeLoss, TrainStep, call_nonempty,
-                          make_compute_loss)
-
-DatasetLike = tf.data.Dataset | Callable[[tf.distribute.InputContext],
-                                         tf.data.Dataset]
 
 
 def _clone_metric(metric: keras.metrics.Metric) -> keras.metrics.Metric:
   return metric.__class__.from_config(metric.get_config())
-
-
-def _resolve_loss(loss) -> Callable:
-  """A per-example loss callable from a name, a Keras loss or a function."""
-  if isinstance(loss, str):
-    return keras.losses.get({"class_name": loss,
-                             "config": {"reduction": "none"}})
-  if isinstance(loss, keras.losses.Loss) and loss.reduction != "none":
-    raise ValueError(f"the loss {loss.name!r} reduces with "
-                     f"{loss.reduction!r}; create it with reduction='none' so "
-                     "the trainer can average over the global batch")
-  return loss
 
 
 class Trainer:
@@ -70,6 +61,7 @@ class Trainer:
       TrainingDiverged) when the loss scale falls below this: steps keep
       overflowing at a scale that no longer amplifies the gradients, so
       none is applied.
+    seed: shuffles numpy inputs to `fit` (a new order every epoch).
   """
 
   def __init__(self, *, model: keras.Model, optimizer, loss=None,
@@ -79,7 +71,7 @@ class Trainer:
                steps_per_loop: int = 1, global_clipnorm: float = 0.0,
                jit_compile: bool = False, grad_accum_steps: int = 1,
                pruning: PruningSchedule | None = None,
-               min_loss_scale: float = 1.0):
+               min_loss_scale: float = 1.0, seed: int = 0):
     if (loss is None) == (compute_loss is None):
       raise ValueError("pass exactly one of `loss` and `compute_loss`")
     if steps_per_loop < 1:
@@ -88,7 +80,8 @@ class Trainer:
     self.model = model
     self.steps_per_loop = int(steps_per_loop)
     self.min_loss_scale = float(min_loss_scale)
-    self._compute_loss = compute_loss or make_compute_loss(_resolve_loss(loss))
+    self.seed = int(seed)
+    self._compute_loss = compute_loss or make_compute_loss(resolve_loss(loss))
     policy = keras.mixed_precision.dtype_policy().name
     with self.strategy.scope():
       if getattr(optimizer, "_distribution_strategy", None) is not (
@@ -97,8 +90,7 @@ class Trainer:
       self.optimizer = precision.wrap_optimizer(optimizer, policy)
       self.optimizer.build(model.trainable_variables)  # DESIGN.md fact 1
       self.train_metrics = [_clone_metric(m) for m in metrics]
-      self.eval_metrics = [_clone_metric(m) for m in metrics]
-      self._eval_loss = keras.metrics.Mean(name="loss")
+      eval_metrics = [_clone_metric(m) for m in metrics]
       self.pruner = Pruner(model, pruning) if pruning else None
     self.step = TrainStep(model=model, optimizer=self.optimizer,
                           compute_loss=self._compute_loss,
@@ -116,41 +108,20 @@ class Trainer:
     # A trainer.watchdog.Watchdog told of every host-loop boundary (set by
     # trainer.run for multi-worker jobs), or None.
     self.watchdog = None
-    self._eval_loop = tf.function(self._eval_loop_fn)
+    self._evaluator = Evaluator(model=model, compute_loss=self._compute_loss,
+                                strategy=self.strategy, metrics=eval_metrics,
+                                distribute=self.distribute)
+    self._predictor = Predictor(model, self.strategy, self.distribute)
 
   @property
   def global_step(self) -> tf.Variable:
     """int64 count of train steps taken, skipped (overflow) steps included."""
     return self.step.global_step
 
-  def _host_only(self) -> bool:
-    """One replica on the host CPU: nothing to split or copy to a device."""
-    try:
-      devices = self.strategy.extended.worker_devices
-    except (AttributeError, RuntimeError):  # the default strategy has none
-      return not tf.config.list_logical_devices("GPU")
-    return (self.strategy.num_replicas_in_sync == 1 and
-            self.num_workers == 1 and len(devices) == 1 and
-            "CPU" in devices[0].upper())
-
-  def distribute(self, data: DatasetLike):
-    """A distributed dataset from a dataset function or a batched dataset.
-
-    A dataset function gets an InputContext and returns per-replica batches;
-    a plain `tf.data.Dataset` must be batched by the global batch size.
-    With one replica on the host CPU the dataset is used as it is: the
-    distributed iterator would only add ~150 us per batch (measured here) for
-    a split and a device copy that do not happen. Anything else (an iterator
-    over what this returned) is passed through.
-    """
-    if self._host_only():
-      return data(tf.distribute.InputContext()) if (
-          callable(data) and not isinstance(data, tf.data.Dataset)) else data
-    if isinstance(data, tf.data.Dataset):
-      return self.strategy.experimental_distribute_dataset(data)
-    if callable(data):
-      return self.strategy.distribute_datasets_from_function(data)
-    return data  # already distributed
+  def distribute(self, data):
+    """A distributed dataset from a dataset function or a batched dataset
+    (see trainer.inputs.distribute); anything else is passed through."""
+    return inputs.distribute(self.strategy, data, self.num_workers)
 
   def _train_loop_fn(self, iterator, num_steps):
     with self.strategy.scope():
@@ -220,38 +191,35 @@ class Trainer:
     inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
     return float(keras.ops.convert_to_numpy(inner.learning_rate))
 
-  def _eval_step(self, batch):
-    per_example, y_pred = call_nonempty(self._compute_loss, self.model, batch,
-                                        False)
-    _, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-    self._eval_loss.update_state(per_example)
-    for metric in self.eval_metrics:
-      metric.update_state(y, tf.cast(y_pred, tf.float32), sample_weight)
+  def evaluate(self, x=None, y=None, *, batch_size: int | None = None,
+               sample_weight=None) -> dict[str, float]:
+    """One full pass: `loss`, each metric, and `num_examples`.
 
-  def _eval_loop_fn(self, dataset):
-    with self.strategy.scope():
-      for batch in dataset:
-        self.strategy.run(self._eval_step, args=(batch,))
-
-  def evaluate(self, data: DatasetLike) -> dict[str, float]:
-    """One full pass over `data`: `loss`, each metric, and `num_examples`.
-
-    Exact over the whole set: the last partial batch counts once.
+    `x` as `fit` takes it (numpy arrays with `y`, batched by `batch_size`,
+    default 32; or a batched dataset or dataset function). Exact over the
+    whole set: the last partial batch counts once, an empty replica none.
     """
-    for metric in self.eval_metrics + [self._eval_loss]:
-      metric.reset_state()
+    data = inputs.as_input(x, y, sample_weight, batch_size=batch_size,
+                           replicas=self.strategy.num_replicas_in_sync)
     self._beat("evaluation")
-    self._eval_loop(self.distribute(data))
+    logs = self._evaluator(data)
     self._beat("the callbacks after an evaluation")
-    logs = {"loss": float(self._eval_loss.result()),
-            "num_examples": int(self._eval_loss.count.numpy())}
-    for metric in self.eval_metrics:
-      logs[metric.name] = float(metric.result())
     return logs
 
-  def _evaluate_with_callbacks(self, callback_list, eval_data) -> dict:
+  def predict(self, x, *, batch_size: int | None = None):
+    """The model's outputs for every example of `x`, in input order.
+
+    `x`: numpy arrays (or a dict of them), batched here by `batch_size`
+    (default 32, split across the replicas), or a batched
+    `tf.data.Dataset` of x or (x, ...). Returns numpy [N, ...], or a nest of
+    them for several outputs; every example once, the partial last batch
+    included. On several workers each worker returns the whole result.
+    """
+    return self._predictor(x, batch_size)
+
+  def _evaluate_with_callbacks(self, callback_list, data) -> dict:
     callback_list.on_test_begin()
-    eval_logs = self.evaluate(eval_data)
+    eval_logs = self.evaluate(data)
     callback_list.on_test_end(eval_logs)
     return eval_logs
 
@@ -304,70 +272,108 @@ class Trainer:
       inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
       inner.learning_rate = float(lr)
 
-  def fit(self, train_data: DatasetLike, *, steps: int,
-          steps_per_epoch: int | None = None,
-          eval_data: DatasetLike | None = None, eval_every: int = 0,
-          callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
-    """Trains until `global_step == steps`, in epochs of `steps_per_epoch`.
+  def fit(self, x=None, y=None, *, batch_size: int | None = None,
+          epochs: int | None = None, steps: int | None = None,
+          steps_per_epoch: int | None = None, sample_weight=None,
+          validation_data=None, validation_split: float = 0.0,
+          shuffle: bool = True, initial_epoch: int = 0, eval_every: int = 0,
+          callbacks: Sequence[keras.callbacks.Callback] = ()
+         ) -> keras.callbacks.History:
+    """Trains, as Keras' `Model.fit` does, under the trainer's strategy.
 
-    `train_data` is a dataset (function) for `distribute`, or an iterator
-    over this trainer's `distribute(...)`: then the next `fit` continues
-    where this one stopped reading, as one long `fit` would (the iterator's
-    position is its own: a restored checkpoint does not move it).
+    `x`: numpy arrays (a dict of arrays for several inputs) with `y` (and
+    `sample_weight`), batched here by the global `batch_size` (default 32)
+    and reshuffled every epoch with the trainer's seed if `shuffle`; or a
+    `tf.data.Dataset` batched by the global batch size; or a dataset
+    function (`InputContext -> per-replica batches`); or an iterator over
+    this trainer's `distribute(...)`, which the next `fit` continues as one
+    long `fit` would.
 
-    Evaluates on `eval_data` at the end of every epoch and, if `eval_every`
-    > 0, also every `eval_every` steps. A resumed run (global step > 0)
-    continues in the epoch that step belongs to. A finite `train_data` that
-    runs out ends the run.
+    How long: `epochs` (up to that epoch index; from `initial_epoch`, or
+    the epoch the restored global step is in) of `steps_per_epoch` steps
+    (default: one pass over a finite dataset, which is iterated afresh each
+    epoch; its partial last batch is averaged over its real size); or
+    `steps` (until `global_step == steps`, in epochs of `steps_per_epoch`,
+    default all of them; a finite dataset that runs out ends the run).
+    Neither: one epoch.
 
-    Callbacks follow the Keras protocol, with global values (reduced over
-    replicas and workers) in every `logs`:
-      on_train_begin; per epoch on_epoch_begin(epoch), then per host loop of
-      up to `steps_per_loop` steps on_train_batch_begin(batch) and
-      on_train_batch_end(batch, logs) (`batch`: index within the epoch;
-      logs: `loss` and metrics averaged over the epoch so far, plus
-      `loop_loss` (mean over this loop's examples), `examples_per_sec`,
-      `step_time`, `grad_norm`, `learning_rate`, `skipped_steps`,
-      `loss_scale`); on_test_begin/on_test_end(eval_logs)
-      around each evaluation; on_epoch_end(epoch, logs) with `loss`,
-      metrics, `learning_rate` and `val_loss`, `val_<metric>`; on_train_end.
-    Setting `model.stop_training = True` ends the run after the current host
-    loop, on every worker. Callbacks that only write output run on the chief
+    Validation: `validation_data` ((x, y[, w]) arrays, a dataset or a
+    dataset function) or `validation_split` (the last fraction of the
+    arrays), evaluated at every epoch end and every `eval_every` steps.
+
+    Callbacks follow the Keras protocol (README, Callbacks), with global
+    values (reduced over replicas and workers) in every `logs`; the batch
+    hooks run once per host loop of up to `steps_per_loop` steps. Setting
+    `model.stop_training = True` ends the run after the current host loop,
+    on every worker. Callbacks that only write output run on the chief
     alone (trainer/callbacks/base.py).
 
-    Returns the last train logs merged with the last eval logs (`eval/...`).
+    Returns a `keras.callbacks.History`: `.history` holds the epoch logs
+    (`loss`, metrics, `val_...`), `.last_logs` the last train logs merged
+    with the last eval logs (`eval/...`).
 
     Raises:
-      TrainingDiverged: the loss is NaN or inf without a loss scale (float32,
-        mixed_bfloat16), before any callback (so no checkpoint) sees it.
+      ValueError: a bad argument, named.
+      TrainingDiverged: the run can no longer make progress (a NaN loss
+        without a loss scale, the loss scale below its floor), before any
+        callback (so no checkpoint) sees it.
     """
-    steps_per_epoch = int(steps_per_epoch or steps)
+    if epochs is not None and steps is not None:
+      raise ValueError("pass `epochs` or `steps`, not both: `epochs` counts "
+                       "passes over the data, `steps` train steps")
+    replicas = self.strategy.num_replicas_in_sync
+    if validation_split:
+      if validation_data is not None:
+        raise ValueError("pass `validation_data` or `validation_split`, not "
+                         "both")
+      (x, y, sample_weight), validation_data = inputs.split_validation(
+          x, y, sample_weight, validation_split)
+    train = inputs.as_input(x, y, sample_weight, batch_size=batch_size,
+                            replicas=replicas, shuffle=shuffle,
+                            seed=self.seed)
+    validation = inputs.validation_input(validation_data, batch_size,
+                                         replicas)
+    plan = FitPlan.make(train, epochs=epochs, steps=steps,
+                        steps_per_epoch=steps_per_epoch)
+    return self._fit(train, plan, validation, initial_epoch=initial_epoch,
+                     eval_every=eval_every, callbacks=callbacks)
+
+  def _fit(self, train, plan: FitPlan, validation, *, initial_epoch: int,
+           eval_every: int, callbacks) -> keras.callbacks.History:
+    """The epoch and host loops of `fit` (see there)."""
+    history = keras.callbacks.History()
     callbacks = [cb for cb in callbacks
-                 if self.is_chief or not runs_on_chief_only(cb)]
+                 if self.is_chief or not runs_on_chief_only(cb)] + [history]
     for cb in callbacks:
       if isinstance(cb, TrainerCallback):
         cb.set_trainer(self)
     self.model.optimizer = self.optimizer  # ReduceLROnPlateau and friends
     callback_list = keras.callbacks.CallbackList(
-        callbacks, model=self.model, verbose=0, steps=steps_per_epoch,
-        epochs=-(-steps // steps_per_epoch), total_steps=steps)
-    iterator = iter(self.distribute(train_data))
+        callbacks, model=self.model, verbose=0, steps=plan.steps_per_epoch,
+        epochs=plan.epochs, total_steps=plan.total_steps)
+    iterator = None
     logs: dict = {}
     eval_logs: dict = {}
     self.model.stop_training = False
     callback_list.on_train_begin()
     step = int(self.global_step.numpy())
-    exhausted = False
-    while step < steps and not (exhausted or self.model.stop_training
-                                or self.preempted):
-      epoch = step // steps_per_epoch
-      epoch_start, first_step = epoch * steps_per_epoch, step
-      epoch_end = min(epoch_start + steps_per_epoch, steps)
+    epoch = max(initial_epoch, plan.epoch_of(step))
+    ended = False
+    while (epoch < plan.epochs and not plan.done(step) and
+           not (ended or self.model.stop_training or self.preempted)):
+      epoch_start = plan.epoch_start(epoch, step)
+      if iterator is None or plan.fresh_pass_each_epoch:
+        data = train
+        if plan.fresh_pass_each_epoch and step > epoch_start:
+          data = train.skip(step - epoch_start)  # resumed inside the epoch
+        iterator = iter(self.distribute(data))
+      epoch_end = plan.epoch_end(epoch_start)
       callback_list.on_epoch_begin(epoch)
       self._agree_on_decisions()
-      loss_sum, examples = 0.0, 0
-      while step < epoch_end:
-        todo = min(self.steps_per_loop, epoch_end - step)
+      loss_sum, examples, first_step, exhausted = 0.0, 0, step, False
+      while epoch_end is None or step < epoch_end:
+        todo = self.steps_per_loop if epoch_end is None else min(
+            self.steps_per_loop, epoch_end - step)
         if eval_every:
           todo = min(todo, eval_every - step % eval_every)
         callback_list.on_train_batch_begin(step - epoch_start)
@@ -383,24 +389,27 @@ class Trainer:
         logs = {**out, "loop_loss": out["loss"],
                 "loss": loss_sum / max(examples, 1)}
         callback_list.on_train_batch_end(step - epoch_start - 1, logs)
-        if (eval_data is not None and eval_every and step % eval_every == 0
-            and step < epoch_end and not exhausted):
-          eval_logs = self._evaluate_with_callbacks(callback_list, eval_data)
+        if (validation is not None and eval_every and step % eval_every == 0
+            and not exhausted and (epoch_end is None or step < epoch_end)):
+          eval_logs = self._evaluate_with_callbacks(callback_list, validation)
         self._agree_on_decisions()
         if exhausted or self.model.stop_training or self.preempted:
           break
+      ended = exhausted and not plan.fresh_pass_each_epoch
       if self.preempted or examples == 0:
         break  # mid-epoch preemption (the resumed run finishes the epoch),
         # or finite data that ran out exactly at the epoch boundary
       epoch_logs = {"loss": loss_sum / max(examples, 1),
                     **{m.name: float(m.result()) for m in self.train_metrics},
                     "learning_rate": self.learning_rate()}
-      if eval_data is not None:
-        eval_logs = self._evaluate_with_callbacks(callback_list, eval_data)
+      if validation is not None:
+        eval_logs = self._evaluate_with_callbacks(callback_list, validation)
         epoch_logs.update({f"val_{k}": v for k, v in eval_logs.items()
                            if k != "num_examples"})
       callback_list.on_epoch_end(epoch, epoch_logs)
       self._agree_on_decisions()
+      epoch += 1
     logs.update({f"eval/{k}": v for k, v in eval_logs.items()})
     callback_list.on_train_end(logs)
-    return logs
+    history.last_logs = logs
+    return history

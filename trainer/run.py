@@ -287,8 +287,8 @@ def _fit_with_recovery(trainer: Trainer, config: ml_collections.ConfigDict,
       return trainer.fit(
           train_fn, steps=config.train.steps,
           steps_per_epoch=steps_per_epoch(config, train.size),
-          eval_data=eval_fn, eval_every=config.train.eval_every,
-          callbacks=callbacks)
+          validation_data=eval_fn, eval_every=config.train.eval_every,
+          callbacks=callbacks).last_logs
     except TrainingDiverged as e:
       if checkpointer and recoveries < config.train.nan_recovery:
         checkpointer.wait()  # this worker's async save, if any

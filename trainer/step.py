@@ -36,6 +36,18 @@ def unpack_batch(batch):
   return keras.utils.unpack_x_y_sample_weight(batch)
 
 
+def resolve_loss(loss) -> Callable:
+  """A per-example loss callable from a name, a Keras loss or a function."""
+  if isinstance(loss, str):
+    return keras.losses.get({"class_name": loss,
+                             "config": {"reduction": "none"}})
+  if isinstance(loss, keras.losses.Loss) and loss.reduction != "none":
+    raise ValueError(f"the loss {loss.name!r} reduces with "
+                     f"{loss.reduction!r}; create it with reduction='none' so "
+                     "the trainer can average over the global batch")
+  return loss
+
+
 def make_compute_loss(loss_fn: Callable) -> ComputeLoss:
   """Wraps a per-example `loss_fn(y_true, y_pred) -> [batch]` as ComputeLoss."""
 
@@ -242,7 +254,8 @@ class TrainStep:
   def _update_metrics(self, batch, y_pred) -> None:
     _, y, sample_weight = unpack_batch(batch)
     for metric in self.metrics:
-      metric.update_state(y, tf.cast(y_pred, tf.float32), sample_weight)
+      metric.update_state(y, tf.nest.map_structure(
+          lambda t: tf.cast(t, tf.float32), y_pred), sample_weight)
 
   def _micro_batch(self, batch, i: tf.Tensor):
     """Micro-batch i of `accum_steps` of this replica's batch.

@@ -1,0 +1,221 @@
+"""The Python API in Keras' words: the seed program's custom loop moved onto
+`Trainer.fit(dataset, epochs=...)`, numpy inputs, History, evaluate and
+predict, and one-line ValueErrors naming the argument."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs.custom_dense import MyDense
+from conftest import ROOT, run_module
+from trainer.loop import Trainer
+
+EPOCHS, BATCH = 10, 32
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  return (rng.random((100, 10), dtype=np.float32),
+          rng.integers(0, 10, size=100).astype(np.int32))
+
+
+def _model():
+  keras.utils.set_random_seed(7)
+  return keras.Sequential([keras.Input((10,)), MyDense(64, activation="relu"),
+                           keras.layers.Dense(10, dtype="float32")])
+
+
+def _seed_loop():
+  """The seed program's own loop: one device, float32, GradientTape."""
+  x, y = _data()
+  model, optimizer = _model(), keras.optimizers.Adam(1e-2)
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+  losses = []
+  for _ in range(EPOCHS):
+    total = 0.0
+    for xb, yb in dataset:
+      with tf.GradientTape() as tape:
+        loss = loss_fn(yb, model(xb, training=True))
+      grads = tape.gradient(loss, model.trainable_variables)
+      optimizer.apply_gradients(zip(grads, model.trainable_variables))
+      total += float(loss) * len(yb)
+    losses.append(total / len(y))
+  return model.get_weights(), losses
+
+
+class EpochEnd(keras.callbacks.Callback):
+  """The seed's epoch-end callback, recording what it would print."""
+
+  def __init__(self):
+    super().__init__()
+    self.seen = []
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.seen.append((epoch, logs["loss"], logs["accuracy"]))
+
+
+def _trainer(strategy):
+  with strategy.scope():
+    model = _model()
+  return Trainer(
+      model=model, optimizer=keras.optimizers.Adam(1e-2), strategy=strategy,
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      reduction="none"),
+      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+      steps_per_loop=3)
+
+
+@pytest.fixture(scope="module")
+def seed():
+  return _seed_loop()
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_seed_loop_as_fit_epochs_on_2_replicas_equals_the_seed(
+    seed, mirrored, policy):
+  """fit(dataset, epochs=10): 4 steps per epoch (the last of 4 examples,
+  averaged over them); float32 equals the seed's loop to float32 rounding,
+  mixed_float16 to float16's."""
+  want_weights, want_losses = seed
+  x, y = _data()
+  keras.mixed_precision.set_dtype_policy(policy)
+  try:
+    trainer = _trainer(mirrored)
+    callback = EpochEnd()
+    history = trainer.fit(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH),
+        epochs=EPOCHS, callbacks=[callback])
+  finally:
+    keras.mixed_precision.set_dtype_policy("float32")
+  assert isinstance(history, keras.callbacks.History)
+  assert history.epoch == list(range(EPOCHS))
+  assert len(history.history["loss"]) == EPOCHS
+  assert [e for e, _, _ in callback.seen] == list(range(EPOCHS))
+  assert int(trainer.global_step.numpy()) == EPOCHS * 4
+  tol = ({"rtol": 1e-4, "atol": 1e-5} if policy == "float32" else
+         {"rtol": 0.05, "atol": 0.02})
+  np.testing.assert_allclose(history.history["loss"], want_losses, **tol)
+  for got, want in zip(trainer.model.get_weights(), want_weights):
+    np.testing.assert_allclose(got, want, **tol)
+  assert history.last_logs["loss"] == history.history["loss"][-1]
+
+
+def test_numpy_inputs_give_the_same_weights_as_the_dataset(mirrored):
+  x, y = _data()
+  runs = []
+  for form in ("dataset", "numpy"):
+    trainer = _trainer(mirrored)
+    if form == "dataset":
+      trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH),
+                  epochs=3)
+    else:
+      trainer.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False)
+    runs.append(trainer.model.get_weights())
+  for a, b in zip(*runs):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_numpy_inputs_are_reshuffled_every_epoch_with_the_trainer_seed(
+    mirrored):
+  x, y = _data()
+  first, second = _trainer(mirrored), _trainer(mirrored)
+  plain = _trainer(mirrored)
+  for trainer, shuffle in ((first, True), (second, True), (plain, False)):
+    trainer.fit(x, y, batch_size=BATCH, epochs=2, shuffle=shuffle)
+  for a, b in zip(first.model.get_weights(), second.model.get_weights()):
+    np.testing.assert_array_equal(a, b)  # the same seed, the same order
+  assert not np.array_equal(first.model.get_weights()[0],
+                            plain.model.get_weights()[0])
+
+
+def test_validation_split_and_validation_data(mirrored):
+  x, y = _data()
+  history = _trainer(mirrored).fit(x, y, batch_size=BATCH, epochs=2,
+                                   validation_split=0.2)
+  assert history.last_logs["eval/num_examples"] == 20
+  assert len(history.history["val_loss"]) == 2
+  history = _trainer(mirrored).fit(x[:80], y[:80], batch_size=BATCH,
+                                   epochs=2, validation_data=(x[80:], y[80:]))
+  assert history.last_logs["eval/num_examples"] == 20
+
+
+def test_predict_on_2_replicas_equals_the_model_row_by_row(mirrored):
+  """Batches of 32 on 2 replicas: 100 = 3 x 32 + 4, and per-replica
+  batches of 16 leave replica 1 without an example at the end."""
+  x, y = _data()
+  trainer = _trainer(mirrored)
+  trainer.fit(x, y, batch_size=BATCH, epochs=1)
+  want = trainer.model(x).numpy()
+  got = trainer.predict(x, batch_size=BATCH)
+  assert got.shape == (100, 10)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  from_dataset = trainer.predict(
+      tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH))
+  np.testing.assert_allclose(from_dataset, want, rtol=1e-5, atol=1e-6)
+  logs = trainer.evaluate(x, y, batch_size=BATCH)
+  assert logs["num_examples"] == 100
+  want_accuracy = np.mean(want.argmax(-1) == y)
+  assert logs["accuracy"] == pytest.approx(want_accuracy, abs=1e-7)
+
+
+def test_predict_returns_a_nest_for_several_outputs(mirrored):
+  with mirrored.scope():
+    inputs = keras.Input((10,), name="features")
+    hidden = keras.layers.Dense(8)(inputs)
+    model = keras.Model({"features": inputs},
+                        {"a": keras.layers.Dense(2)(hidden),
+                         "b": keras.layers.Dense(3)(hidden)})
+  trainer = Trainer(model=model, optimizer=keras.optimizers.SGD(0.1),
+                    loss=lambda y, p: tf.zeros_like(y, tf.float32),
+                    strategy=mirrored)
+  x, _ = _data()
+  got = trainer.predict({"features": x[:37]}, batch_size=8)
+  want = model({"features": x[:37]})
+  assert sorted(got) == ["a", "b"]
+  for key in got:
+    np.testing.assert_allclose(got[key], want[key].numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
+BAD = [  # (what replaces the good arguments, the message)
+    (dict(epochs=2, steps=5), "pass `epochs` or `steps`, not both"),
+    (dict(x="a dataset"), "`y` must be None when `x` is a"),
+    (dict(y="99 labels"), "`x` has 100 examples but `y` has 99 examples"),
+    (dict(batch_size=33), "`batch_size`=33 cannot be split evenly across 2 "
+     "replicas"),
+    (dict(validation_split=1.5), "`validation_split` must be in (0, 1)"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m for _, m in BAD])
+def test_bad_arguments_are_one_line_value_errors(mirrored, change, message):
+  x, y = _data()
+  kwargs = {"x": x, "y": y, **change}
+  if isinstance(kwargs["x"], str):
+    kwargs["x"] = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+  if isinstance(kwargs["y"], str):
+    kwargs["y"] = y[:99]
+  with pytest.raises(ValueError) as raised:
+    _trainer(mirrored).fit(**kwargs)
+  assert message in str(raised.value)
+  assert "\n" not in str(raised.value)
+
+
+@pytest.mark.slow
+def test_predict_on_2_workers_gives_each_worker_the_whole_result(tmp_path):
+  """Each worker of a 2-worker job returns all 100 rows in input order."""
+  job = run_module("launch.local", "--num_workers=2", "--module=predict_job",
+                   "--", f"--out={tmp_path}", timeout=240,
+                   env={"PYTHONPATH": os.path.join(ROOT, "tests", "helpers")})
+  assert job.returncode == 0, job.stderr[-3000:]
+  for worker in (0, 1):
+    got = np.load(tmp_path / f"predict_{worker}.npy")
+    want = np.load(tmp_path / f"model_{worker}.npy")
+    assert got.shape == (100, 10)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.load(tmp_path / "predict_0.npy"),
+                                np.load(tmp_path / "predict_1.npy"))
