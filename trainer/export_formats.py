@@ -7,7 +7,10 @@ copy for quantizing, TFLite conversion of ops TFLite has no kernel for.
 Every other exception is a failure of that format.
 """
 
+import contextlib
+import os
 import re
+import sys
 import warnings
 from typing import Callable, Iterator
 
@@ -105,14 +108,30 @@ def tflite_model(saved_model: str, kind: str,
     converter.inference_input_type = tf.int8
     converter.inference_output_type = tf.int8
   try:
-    with warnings.catch_warnings():  # calibration runs tf.lite.Interpreter,
-      warnings.simplefilter("ignore")  # which is deprecated
+    with warnings.catch_warnings(), _native_stderr_muted():
+      warnings.simplefilter("ignore")  # calibration's tf.lite.Interpreter
       return converter.convert()
   except Exception as e:  # pylint: disable=broad-except
     reason = unsupported_ops(str(e))
     if reason:
       raise Skipped(reason) from None
     raise
+
+
+@contextlib.contextmanager
+def _native_stderr_muted():
+  """What native code writes to file descriptor 2 meanwhile is dropped: the
+  converter prints its diagnostics there as `error: ...` lines, also for a
+  format that is only skipped; the exception it raises carries them."""
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def unsupported_ops(message: str) -> str | None:
