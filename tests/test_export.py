@@ -258,6 +258,7 @@ def test_custom_dense_layers_are_quantized_through_keras_dense():
     ("no_config", "config.json not found"),
     ("no_checkpoint", "no checkpoint in"),
     ("bad_format", "unknown export format 'onnx'"),
+    ("bad_task", "task 'no_such_module:Task': cannot import 'no_such_module'"),
 ])
 def test_bad_input_raises_before_writing(case, message, workdir, tmp_path):
   run = tmp_path / "run"
@@ -265,6 +266,10 @@ def test_bad_input_raises_before_writing(case, message, workdir, tmp_path):
     copy_run(workdir, run)
   if case == "no_config":
     (run / "config.json").unlink()
+  if case == "bad_task":
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(
+        {**saved, "task": "no_such_module:Task"}))
   if case == "no_checkpoint":
     shutil.rmtree(run / "checkpoints")
   with pytest.raises(UserError, match=message):
@@ -273,7 +278,20 @@ def test_bad_input_raises_before_writing(case, message, workdir, tmp_path):
   assert not run.exists() or sorted(os.listdir(run)) == sorted(
       {"missing": [], "no_config": ["checkpoints"],
        "no_checkpoint": ["config.json"],
-       "bad_format": ["checkpoints", "config.json"]}[case])
+       "bad_format": ["checkpoints", "config.json"],
+       "bad_task": ["checkpoints", "config.json"]}[case])
+
+
+def test_a_config_from_before_tasks_exports_the_builtin_task(workdir,
+                                                             tmp_path):
+  run = copy_run(workdir, tmp_path / "run")
+  saved = json.loads((run / "config.json").read_text())
+  del saved["task"]  # config.json of a run trained before the `task` key
+  (run / "config.json").write_text(json.dumps(saved))
+  report = export_lib.export(str(run), ("keras",))
+  assert report["task"] == ("trainer.tasks.image_classification:"
+                            "ImageClassification")
+  assert report["formats"]["keras"]["metrics"]["accuracy"] > 0.9
 
 
 @pytest.mark.slow

@@ -19,6 +19,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, run_module
+from trainer import checkpoint as checkpoint_lib
+from trainer import export as export_lib
 from trainer import export_formats
 from trainer import signature as signature_lib
 
@@ -411,3 +413,24 @@ def test_saved_model_and_tflite_compute_a_two_input_two_output_model(
 def test_converter_errors_that_mean_skip(message, reason):
   assert export_formats.unsupported_ops(message) == reason
 
+
+
+def test_restore_finds_a_sequential_model_saved_under_another_name(
+    tmp_path):
+  """An unnamed Sequential is `sequential` in a fresh process and
+  `sequential_N` after others: its variable paths (checkpoint keys) start
+  with that name. Export in the process that trained still restores it."""
+  def build(name):
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(
+        2, name="head")], name=name)
+
+  trained = build("sequential")
+  trained.get_layer("head").bias.assign([1.0, 2.0])
+  path = tf.train.Checkpoint(model=checkpoint_lib.model_state(
+      trained)).save(str(tmp_path / "ckpt"))
+  again = build("sequential_7")
+  state = export_lib._model_state(again, path)  # pylint: disable=protected-access
+  assert sorted(state) == ["sequential/head/bias", "sequential/head/kernel"]
+  status = tf.train.Checkpoint(model=state).restore(path).expect_partial()
+  status.assert_existing_objects_matched()
+  np.testing.assert_array_equal(again.get_layer("head").bias, [1.0, 2.0])
