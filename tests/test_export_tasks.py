@@ -250,17 +250,15 @@ def test_a_task_file_outside_the_repository_exports(task_file_run):
 
 ERF_TASK = '''
 import keras
-import numpy as np
 
-from trainer.config import default_config
+from configs import custom_dense
 
 
 def get_config():
-  c = default_config()
+  c = custom_dense.get_config()
   c.task = "{path}:ErfTask"
-  c.data.global_batch_size = 32
-  c.data.eval_batch_size = 64
   c.distribution.strategy = "one_device"
+  c.precision.policy = "float32"
   return c
 
 
@@ -269,35 +267,19 @@ class ErfLayer(keras.layers.Layer):
   """erf(x) @ kernel: a layer Keras cannot quantize, an op TFLite lacks."""
 
   def build(self, input_shape):
-    self.kernel = self.add_weight(shape=(input_shape[-1], 2), name="kernel")
+    self.kernel = self.add_weight(shape=(input_shape[-1], 10), name="kernel")
 
   def call(self, x):
     return keras.ops.matmul(keras.ops.erf(x), self.kernel)
 
 
-class ErfTask:
-
-  def __init__(self, config):
-    rng = np.random.default_rng(config.seed)
-    self.x = rng.normal(size=(256, 4)).astype(np.float32)
-    self.y = (self.x.sum(1) > 0).astype(np.int32)
+class ErfTask(custom_dense.CustomDenseTask):
+  """custom_dense's data, loss and metric; a model of ErfLayer only."""
 
   def build_model(self):
-    return keras.Sequential([keras.Input((4,), name="features"),
+    return keras.Sequential([keras.Input((self.user.features,),
+                                         name="features"),
                              ErfLayer(name="erf")])
-
-  def train_data(self):
-    return self.x, self.y
-
-  def eval_data(self):
-    return self.x, self.y
-
-  def build_losses(self, labels, logits):
-    return keras.losses.sparse_categorical_crossentropy(labels, logits,
-                                                        from_logits=True)
-
-  def build_metrics(self):
-    return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
 '''
 
 

@@ -7,7 +7,10 @@ WORKDIR/export/ (trainer/export_formats.py) -> each file loaded back and run
 on the task's whole eval_data() -> report.json: size, the task's metrics
 (fresh from build_metrics()), the largest |output difference| from the
 float32 model and, for classification-shaped outputs ([..., k >= 2]), the
-fraction of argmax predictions that agree with it. The model is float32
+fraction of argmax predictions that agree with it (metrics are updated with
+(labels, model outputs): a task's compute_loss is not run, so a task whose
+compute_loss returns other predictions is measured on the model's outputs).
+The model is float32
 whatever policy the run trained with (variables are float32 under every
 policy). The SavedModel's `serving_default` follows the model's own input and
 output names, dtypes and shapes (trainer/signature.py). A format that cannot
