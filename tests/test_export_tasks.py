@@ -382,6 +382,32 @@ def test_saved_model_and_tflite_compute_a_two_input_two_output_model(
       np.testing.assert_allclose(out, ref, atol=tolerance, err_msg=fmt)
 
 
+def test_a_subclassed_model_is_quantized_if_it_saves_and_loads():
+
+  class Unregistered(keras.Model):
+
+    def __init__(self, **kwargs):
+      super().__init__(**kwargs)
+      self.dense = keras.layers.Dense(2, name="dense")
+
+    def call(self, x):
+      return self.dense(x)
+
+  registered = keras.saving.register_keras_serializable(
+      package="test_export_tasks")(type("Registered", (Unregistered,), {}))
+  x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+  model = registered()
+  model(x)  # built, as a restored model is
+  quantized, names = export_formats.quantize_keras(model, "int8")
+  assert names == ["dense"]
+  np.testing.assert_allclose(quantized(x), model(x), atol=0.05)
+  with pytest.raises(export_formats.Skipped, match="neither be cloned nor "
+                     "saved and loaded .*Could not locate class"):
+    unregistered = Unregistered()
+    unregistered(x)
+    export_formats.quantize_keras(unregistered, "int8")
+
+
 @pytest.mark.parametrize("message,reason", [
     ("...\nTF Select ops: Cumprod\nDetails: ...",
      "TFLite has no built-in op for Cumprod (it would need TF Select ops, "

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import sys
+import tempfile
 import warnings
 from typing import Callable, Iterator
 
@@ -60,6 +61,29 @@ def with_builtin_layers(model: keras.Model) -> keras.Model:
   return copy
 
 
+def _copy(model: keras.Model) -> keras.Model:
+  """with_builtin_layers(model) for a Functional or Sequential model; for a
+  subclassed one (clone_model cannot take a clone function), the model saved
+  and loaded back.
+
+  Raises:
+    Skipped: neither works.
+  """
+  try:
+    return with_builtin_layers(model)
+  except ValueError:
+    pass
+  with tempfile.TemporaryDirectory() as folder:
+    path = os.path.join(folder, "copy.keras")
+    try:
+      model.save(path)
+      return keras.models.load_model(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise Skipped("model.quantize works on a copy, and this model can "
+                    "neither be cloned nor saved and loaded "
+                    f"({first_line(e)})") from None
+
+
 def quantize_keras(model: keras.Model, mode: str) -> tuple[keras.Model,
                                                            list[str]]:
   """`model.quantize(mode)` on a quantizable copy; returns it and the names
@@ -68,12 +92,7 @@ def quantize_keras(model: keras.Model, mode: str) -> tuple[keras.Model,
   Raises:
     Skipped: the model cannot be copied, or has no layer Keras quantizes.
   """
-  try:
-    copy = with_builtin_layers(model)
-  except Exception as e:  # pylint: disable=broad-except
-    raise Skipped(f"model.quantize works on a copy, and keras.models."
-                  f"clone_model cannot copy this model ({first_line(e)})"
-                  ) from None
+  copy = _copy(model)
   with warnings.catch_warnings():  # "Layer X has no `quantize` method"
     warnings.simplefilter("ignore")
     copy.quantize(mode)
