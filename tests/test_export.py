@@ -17,6 +17,7 @@ from configs import digits
 from conftest import run_module
 from trainer import export as export_lib
 from trainer import export_formats, layers, models
+from trainer import restore as restore_lib
 from trainer import run as run_lib
 from trainer import task as task_lib
 from trainer.data import DataInfo
@@ -67,7 +68,7 @@ def report(workdir):
 def eval_data(workdir, report):
   """(images [300, 8, 8, 1], labels [300], float32 logits [300, 10])."""
   del report  # exported first, so restoring here cannot interfere
-  restored = export_lib.restore(str(workdir))
+  restored = restore_lib.restore(str(workdir))
   evals = task_lib.examples(restored.task.eval_data(), "eval_data")
   x, y = (np.concatenate(a) for a in zip(
       *evals.dataset.batch(1000).as_numpy_iterator()))

@@ -20,8 +20,8 @@ import tensorflow as tf
 
 from conftest import ROOT, run_module
 from trainer import checkpoint as checkpoint_lib
-from trainer import export as export_lib
 from trainer import export_formats
+from trainer import restore as restore_lib
 from trainer import signature as signature_lib
 
 pytestmark = pytest.mark.filterwarnings(
@@ -88,8 +88,8 @@ except Exception as e:
 {importer}
 model = keras.models.load_model(export + "model.keras")
 int8 = keras.models.load_model(export + "model_int8.keras")
-from trainer import export as export_lib, task as task_lib
-run = export_lib.restore(sys.argv[1])
+from trainer import restore, task as task_lib
+run = restore.restore(sys.argv[1])
 batch = next(iter(task_lib.examples(run.task.eval_data(), "eval_data")
                   .dataset.batch(64)))
 x = batch[0]
@@ -437,8 +437,58 @@ def test_restore_finds_a_sequential_model_saved_under_another_name(
   path = tf.train.Checkpoint(model=checkpoint_lib.model_state(
       trained)).save(str(tmp_path / "ckpt"))
   again = build("sequential_7")
-  state = export_lib._model_state(again, path)  # pylint: disable=protected-access
+  state = restore_lib._model_state(again, path)  # pylint: disable=protected-access
   assert sorted(state) == ["sequential/head/bias", "sequential/head/kernel"]
   status = tf.train.Checkpoint(model=state).restore(path).expect_partial()
   status.assert_existing_objects_matched()
   np.testing.assert_array_equal(again.get_layer("head").bias, [1.0, 2.0])
+
+
+SUBCLASSED_TASK = """
+import keras
+
+from configs import custom_dense
+
+
+@keras.saving.register_keras_serializable(package="subclassed_task")
+class TwoLayers(keras.Model):
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
+    self.head = keras.layers.Dense(10, name="head")
+
+  def call(self, x):
+    return self.head(self.hidden(x))
+
+
+class SubclassedTask(custom_dense.CustomDenseTask):
+
+  def build_model(self):
+    return TwoLayers(name="two_layers")
+"""
+
+
+def test_a_subclassed_model_is_built_before_its_checkpoint_is_restored(
+    tmp_path):
+  """Its variables exist once it is called: restore() calls it on eval
+  examples first, else it would restore nothing and export random weights."""
+  from configs import custom_dense  # pylint: disable=import-outside-toplevel
+  from trainer import task as task_lib  # pylint: disable=import-outside-toplevel
+  task_file = tmp_path / "subclassed_task.py"
+  task_file.write_text(SUBCLASSED_TASK)
+  config = custom_dense.get_config()
+  config.task = f"{task_file}:SubclassedTask"
+  task = task_lib.load_task(config.task, config)
+  trained = task.build_model()
+  x = task.eval_data()[0]
+  trained(x)
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps(config.to_dict()))
+  tf.train.Checkpoint(model=checkpoint_lib.model_state(trained)).save(
+      str(run / "checkpoints" / "ckpt"))
+  restored = restore_lib.restore(str(run))
+  np.testing.assert_array_equal(restored.model(x), trained(x))
+  sig = signature_lib.of_model(restored.model, x, np.asarray(trained(x)))
+  assert list(sig.inputs) == ["inputs"] and list(sig.outputs) == ["output_0"]
