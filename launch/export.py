@@ -1,18 +1,24 @@
-r"""Exports a trained run for inference, quantized and not, with a report.
+r"""Exports a trained run of any task for inference, quantized and not, with
+a report.
 
   python -m launch.export --workdir=runs/digits [--formats=all] \
       [--representative_batches=20]
 
-Restores the latest checkpoint of WORKDIR into a float32 model and writes
-WORKDIR/export/: model.keras, saved_model/, model_{int8,float8,int4}.keras
-(Keras `model.quantize`), model_{float32,float16,dynamic_range,int8}.tflite
-and report.json (size, eval accuracy, max |logit difference| and argmax
-agreement with the float32 model, per format); prints the report as a table.
-See trainer/export.py.
+Rebuilds the run's task (config key `task`, imported: its registered custom
+layers and functions resolve), restores the latest checkpoint of WORKDIR into
+its model in float32 and writes WORKDIR/export/: model.keras, saved_model/
+(signature `serving_default` with the model's own input and output names,
+dtypes and shapes), model_{int8,float8,int4}.keras (Keras `model.quantize`),
+model_{float32,float16,dynamic_range,int8}.tflite and report.json (per
+format: size, the task's metrics on its eval data, max |output difference|
+from the float32 model and, for classification outputs, argmax agreement);
+prints the report as a table. A format that cannot apply to the model (no
+layer Keras quantizes, ops TFLite lacks) is reported as skipped, with the
+reason. See trainer/export.py.
 
-Exit status: 0 done; 1 some format failed (the others are written, the
-failure is in the table and report.json); 2 bad input (one `error: ...`
-line, nothing written).
+Exit status: 0 done (skipped formats included); 1 some format failed (the
+others are written, the failure is in the table and report.json); 2 bad
+input (one `error: ...` line, nothing written).
 """
 
 import os
@@ -31,8 +37,9 @@ _FORMATS = flags.DEFINE_string(
     "saved_model, keras_int8, keras_float8, keras_int4, tflite_float32, "
     "tflite_float16, tflite_dynamic_range, tflite_int8.")
 _REPRESENTATIVE_BATCHES = flags.DEFINE_integer(
-    "representative_batches", 20, "Batches of 32 training images that "
-    "calibrate the activation ranges of tflite_int8.")
+    "representative_batches", 20, "Batches of 32 training examples (the "
+    "task's train_data()) that calibrate the activation ranges of "
+    "tflite_int8.")
 
 EXIT_FORMAT_FAILED = 1
 EXIT_USAGE = 2

@@ -16,7 +16,11 @@ import trainer  # registers trainer.layers for keras.models.load_model
 from configs import digits
 from conftest import run_module
 from trainer import export as export_lib
+from trainer import export_formats, layers, models
+from trainer import restore as restore_lib
 from trainer import run as run_lib
+from trainer import task as task_lib
+from trainer.data import DataInfo
 from trainer.errors import UserError
 
 del trainer
@@ -64,9 +68,10 @@ def report(workdir):
 def eval_data(workdir, report):
   """(images [300, 8, 8, 1], labels [300], float32 logits [300, 10])."""
   del report  # exported first, so restoring here cannot interfere
-  restored = export_lib.restore(str(workdir))
+  restored = restore_lib.restore(str(workdir))
+  evals = task_lib.examples(restored.task.eval_data(), "eval_data")
   x, y = (np.concatenate(a) for a in zip(
-      *restored.source.eval.batch(1000).as_numpy_iterator()))
+      *evals.dataset.batch(1000).as_numpy_iterator()))
   return x, y, keras.ops.convert_to_numpy(restored.model(x, training=False))
 
 
@@ -105,7 +110,7 @@ def tflite_logits(path, x):
 def measured_logits(name, path, x):
   if name == "saved_model":
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]
-    return serve(images=tf.constant(x))["output_0"].numpy()
+    return serve(images=tf.constant(x))["logits"].numpy()
   if name.startswith("tflite"):
     return tflite_logits(path, x)[0]
   model = keras.models.load_model(path)
@@ -116,7 +121,7 @@ def test_every_format_is_written_and_reported(workdir, report):
   export = workdir / "export"
   assert sorted(report["formats"]) == sorted(export_lib.FORMATS)
   for name, row in report["formats"].items():
-    assert "error" not in row, (name, row["error"])
+    assert "error" not in row and "skipped" not in row, (name, row)
     assert (export / row["file"]).exists()
     assert row["bytes"] > 0
   on_disk = json.loads((export / "report.json").read_text())
@@ -129,7 +134,8 @@ def test_every_format_is_written_and_reported(workdir, report):
 def test_float32_reference_is_the_trained_model(workdir, report, eval_data):
   _, y, logits = eval_data
   final = float((workdir / "final_eval_accuracy").read_text())
-  assert report["float32_accuracy"] == pytest.approx(final, abs=1e-6)
+  assert report["float32_metrics"] == {
+      "accuracy": pytest.approx(final, abs=1e-6)}
   assert np.mean(logits.argmax(1) == y) == pytest.approx(final, abs=1e-6)
 
 
@@ -145,21 +151,27 @@ def test_format_loads_and_is_close_to_float32(name, workdir, report,
   accuracy = np.mean(logits.argmax(1) == y)
   assert accuracy >= np.mean(reference.argmax(1) == y) - max_drop / 100
   row = report["formats"][name]
-  # The library evaluates in batches of 100, this test one by one (TFLite)
-  # or all at once: the same predictions, so the same accuracy.
-  assert row["accuracy"] == pytest.approx(accuracy, abs=1e-9)
-  assert row["max_abs_logit_diff"] == pytest.approx(
+  # The library evaluates in batches of 256, this test one by one (TFLite)
+  # or all at once: the same predictions, so the same accuracy (the task's
+  # metric counts in float32).
+  assert row["metrics"] == {"accuracy": pytest.approx(accuracy, abs=1e-6)}
+  assert row["max_abs_diff"] == pytest.approx(
       np.abs(logits - reference).max(), rel=1e-3, abs=1e-5)
 
 
-def test_saved_model_signature_is_float32_images_to_logits(workdir):
+def test_saved_model_signature_is_float32_images_to_logits(workdir, report):
   loaded = tf.saved_model.load(str(workdir / "export" / "saved_model"))
   serve = loaded.signatures["serving_default"]
   _, inputs = serve.structured_input_signature
+  assert list(inputs) == ["images"]  # the model's own input and output names
   assert inputs["images"].shape.as_list() == [None, 8, 8, 1]
   assert inputs["images"].dtype == tf.float32
-  assert serve.structured_outputs["output_0"].shape.as_list() == [None, 10]
-  assert serve.structured_outputs["output_0"].dtype == tf.float32
+  assert list(serve.structured_outputs) == ["logits"]
+  assert serve.structured_outputs["logits"].shape.as_list() == [None, 10]
+  assert serve.structured_outputs["logits"].dtype == tf.float32
+  assert report["signature"] == {
+      "inputs": {"images": {"dtype": "float32", "shape": [None, 8, 8, 1]}},
+      "outputs": {"logits": {"dtype": "float32", "shape": [None, 10]}}}
 
 
 def test_quantized_files_are_smaller_and_int8_tflite_is_integer(
@@ -190,7 +202,7 @@ def test_prepare_hook_runs_before_saving(workdir, tmp_path):
   saved = keras.models.load_model(run / "export" / "model.keras")
   np.testing.assert_array_equal(saved.get_layer("logits").bias.numpy(),
                                 np.arange(10))
-  assert report["formats"]["keras"]["max_abs_logit_diff"] == 0.0
+  assert report["formats"]["keras"]["max_abs_diff"] == 0.0
   assert sorted(os.listdir(run / "export")) == ["model.keras", "report.json"]
 
 
@@ -221,7 +233,7 @@ def test_a_failing_format_is_reported_and_left_out(workdir, tmp_path,
   assert report["formats"]["tflite_float16"] == {
       "file": "model_float16.tflite",
       "error": "ValueError: this converter cannot"}
-  assert report["formats"]["keras"]["accuracy"] > 0.9
+  assert report["formats"]["keras"]["metrics"]["accuracy"] > 0.9
   assert sorted(os.listdir(run / "export")) == ["model.keras", "report.json"]
   assert ("tflite_float16", "failed:", "ValueError:") in [
       tuple(line.split()[:3])
@@ -231,14 +243,13 @@ def test_a_failing_format_is_reported_and_left_out(workdir, tmp_path,
 def test_custom_dense_layers_are_quantized_through_keras_dense():
   config = digits.get_config()
   config.model.dropout = 0.1  # seed generators are not copied, weights are
-  info = export_lib.data_lib.DataInfo((8, 8, 1), 10, None, None)
-  model = export_lib.models.build_model(config.model, info)
+  info = DataInfo((8, 8, 1), 10, None, None)
+  model = models.build_model(config.model, info)
   x = np.random.default_rng(0).uniform(size=(16, 8, 8, 1)).astype("float32")
-  builtin = export_lib.with_builtin_layers(model)
-  assert not [l for l in builtin.layers
-              if isinstance(l, export_lib.layers.DenseLayer)]
+  builtin = export_formats.with_builtin_layers(model)
+  assert not [l for l in builtin.layers if isinstance(l, layers.DenseLayer)]
   np.testing.assert_array_equal(builtin(x), model(x))
-  quantized, names = export_lib.quantize_keras(model, "int8")
+  quantized, names = export_formats.quantize_keras(model, "int8")
   assert names == ["dense_0", "dense_1", "logits"]
   np.testing.assert_allclose(quantized(x), model(x), atol=0.1)
 
@@ -248,6 +259,7 @@ def test_custom_dense_layers_are_quantized_through_keras_dense():
     ("no_config", "config.json not found"),
     ("no_checkpoint", "no checkpoint in"),
     ("bad_format", "unknown export format 'onnx'"),
+    ("bad_task", "task 'no_such_module:Task': cannot import 'no_such_module'"),
 ])
 def test_bad_input_raises_before_writing(case, message, workdir, tmp_path):
   run = tmp_path / "run"
@@ -255,6 +267,10 @@ def test_bad_input_raises_before_writing(case, message, workdir, tmp_path):
     copy_run(workdir, run)
   if case == "no_config":
     (run / "config.json").unlink()
+  if case == "bad_task":
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(
+        {**saved, "task": "no_such_module:Task"}))
   if case == "no_checkpoint":
     shutil.rmtree(run / "checkpoints")
   with pytest.raises(UserError, match=message):
@@ -263,7 +279,20 @@ def test_bad_input_raises_before_writing(case, message, workdir, tmp_path):
   assert not run.exists() or sorted(os.listdir(run)) == sorted(
       {"missing": [], "no_config": ["checkpoints"],
        "no_checkpoint": ["config.json"],
-       "bad_format": ["checkpoints", "config.json"]}[case])
+       "bad_format": ["checkpoints", "config.json"],
+       "bad_task": ["checkpoints", "config.json"]}[case])
+
+
+def test_a_config_from_before_tasks_exports_the_builtin_task(workdir,
+                                                             tmp_path):
+  run = copy_run(workdir, tmp_path / "run")
+  saved = json.loads((run / "config.json").read_text())
+  del saved["task"]  # config.json of a run trained before the `task` key
+  (run / "config.json").write_text(json.dumps(saved))
+  report = export_lib.export(str(run), ("keras",))
+  assert report["task"] == ("trainer.tasks.image_classification:"
+                            "ImageClassification")
+  assert report["formats"]["keras"]["metrics"]["accuracy"] > 0.9
 
 
 @pytest.mark.slow
@@ -274,7 +303,7 @@ def test_launcher_exports_and_prints_the_table(workdir, tmp_path):
                     "--representative_batches=2", timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
-  assert lines[0].split() == ["format", "bytes", "accuracy", "max|dlogit|",
+  assert lines[0].split() == ["format", "bytes", "accuracy", "max|diff|",
                               "agreement"]
   assert lines[1].startswith("keras ") and lines[2].startswith("tflite_int8 ")
   report = json.loads((run / "export" / "report.json").read_text())

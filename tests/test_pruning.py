@@ -156,5 +156,5 @@ def test_export_of_a_pruned_run_keeps_the_exact_sparsity(tmp_path):
     kernel = loaded.get_layer(name).kernel.numpy()
     assert np.sum(kernel == 0) == round(0.8 * kernel.size), name
   for name in ("keras", "tflite_float32"):
-    assert report["formats"][name]["accuracy"] == pytest.approx(
+    assert report["formats"][name]["metrics"]["accuracy"] == pytest.approx(
         result.logs["eval/accuracy"], abs=1e-6)

@@ -32,3 +32,9 @@ class TrainingDiverged(RuntimeError):
                      f"the training loss is {loss} after global step {step}")
     self.step, self.loss = step, loss
     self.checkpoint = None  # the last good checkpoint, if the run keeps any
+
+
+def first_line(error: Exception) -> str:
+  """`Type: first non-blank line of the message`, for one-line reports."""
+  lines = [l for l in str(error).strip().splitlines() if l.strip()]
+  return f"{type(error).__name__}: {lines[0].strip() if lines else ''}"

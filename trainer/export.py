@@ -1,58 +1,50 @@
-"""Export a trained run for inference, quantized and not, with a report.
+"""Export a trained run of any task for inference, quantized and not, with a
+report.
 
-WORKDIR/config.json -> float32 model (trainer.models) <- latest checkpoint ->
-`prepare` hook -> each format in WORKDIR/export/ -> each file loaded back and
-run on the whole eval split -> report.json (size, accuracy, difference from
-the float32 model). The model is float32 whatever policy the run trained
-with (variables are float32 under every policy). Files are written to a
-staging directory renamed to WORKDIR/export at the end: a failed export
-leaves the previous WORKDIR/export, if any, as it was.
+WORKDIR/config.json -> the run's task (`task`, trainer/task.py) -> its model
+built in float32 <- latest checkpoint (trainer/restore.py) -> `prepare` hook -> each format in
+WORKDIR/export/ (trainer/export_formats.py) -> each file loaded back and run
+on the task's whole eval_data() -> report.json: size, the task's metrics
+(fresh from build_metrics()), the largest |output difference| from the
+float32 model and, for classification-shaped outputs ([..., k >= 2]), the
+fraction of argmax predictions that agree with it (metrics are updated with
+(labels, model outputs): a task's compute_loss is not run, so a task whose
+compute_loss returns other predictions is measured on the model's outputs).
+The model is float32
+whatever policy the run trained with (variables are float32 under every
+policy). The SavedModel's `serving_default` follows the model's own input and
+output names, dtypes and shapes (trainer/signature.py). A format that cannot
+apply to the model is reported as skipped with the reason, one that fails
+with its error. Files are written to a staging directory renamed to
+WORKDIR/export at the end: a failed export leaves the previous
+WORKDIR/export, if any, as it was.
 
-`tflite_int8` is full-integer with int8 input and output: images are
-quantized by the input tensor's scale and zero point (1/255 and -128 for
-images in [0, 1]), logits dequantized by the output's. It is calibrated on
-`representative_batches` batches of REPRESENTATIVE_BATCH_SIZE training
-images, shuffled with `config.seed`.
+`tflite_int8` is full-integer: float inputs and outputs are int8 (quantized
+by the tensor's scale and zero point, e.g. 1/255 and -128 for images in
+[0, 1]); integer inputs (token ids) stay integer: they index, they have no
+scale. It is calibrated on `representative_batches` batches of
+REPRESENTATIVE_BATCH_SIZE training examples from train_data(), shuffled
+with `config.seed`.
 """
 
-import dataclasses
 import json
 import os
 import shutil
-import warnings
 from typing import Callable, Iterator
 
 import keras
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from trainer import checkpoint as checkpoint_lib
-from trainer import config as config_lib
-from trainer import data as data_lib
-from trainer import layers, models
-from trainer.errors import ConfigError, DataError
+from trainer import signature as signature_lib
+from trainer import task as task_lib
+from trainer.errors import ConfigError, DataError, first_line
+from trainer.export_formats import (FILES, FORMATS, Skipped, predictor,
+                                    quantize_keras, tflite_model)
+from trainer.restore import Restored, float32_policy, restore
 
-FILES = {  # format name -> its file (or directory) in WORKDIR/export
-    "keras": "model.keras", "saved_model": "saved_model",
-    "keras_int8": "model_int8.keras", "keras_float8": "model_float8.keras",
-    "keras_int4": "model_int4.keras",
-    "tflite_float32": "model_float32.tflite",
-    "tflite_float16": "model_float16.tflite",
-    "tflite_dynamic_range": "model_dynamic_range.tflite",
-    "tflite_int8": "model_int8.tflite"}
-FORMATS = tuple(FILES)
 REPRESENTATIVE_BATCH_SIZE = 32
-SERVING_INPUT = "images"  # the SavedModel signature's input name
-
-
-@dataclasses.dataclass(frozen=True)
-class Restored:
-  """A trained run rebuilt for export."""
-  model: keras.Model  # float32, weights from `checkpoint`
-  config: ml_collections.ConfigDict  # the run's resolved config
-  source: data_lib.Source
-  checkpoint: str  # the checkpoint path restored
+SHUFFLE_BUFFER = 10_000  # representative examples are drawn from this many
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -68,45 +60,6 @@ def parse_formats(text: str) -> tuple[str, ...]:
   return tuple(dict.fromkeys(names))
 
 
-def restore(workdir: str) -> Restored:
-  """Rebuilds the run's model in float32 and restores its latest checkpoint.
-
-  Raises:
-    ConfigError, DataError: no such run, or a checkpoint that does not fit.
-  """
-  if not os.path.isdir(workdir):
-    raise DataError(f"workdir {workdir} does not exist; pass the --workdir "
-                    "of a finished `launch.train` run")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise DataError(f"{path} not found: {workdir} holds no training run; "
-                    "train first with `python -m launch.train`")
-  try:
-    with open(path, encoding="utf-8") as f:
-      config = config_lib.with_defaults(json.load(f))
-  except (ValueError, OSError) as e:
-    raise DataError(f"cannot read {path}: {e}") from None
-  checkpoint = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-  if checkpoint is None:
-    raise DataError(f"no checkpoint in {workdir}/checkpoints; train (or "
-                    "resume) the run until it saves one")
-  source = data_lib.load_source(config.data, config.seed)
-  previous = keras.config.dtype_policy()
-  keras.config.set_dtype_policy("float32")
-  try:
-    model = models.build_model(config.model, source.info)
-  finally:
-    keras.config.set_dtype_policy(previous)
-  reader = tf.train.Checkpoint(model=checkpoint_lib.model_state(model))
-  try:  # only the model: not the optimizer, step or input offset
-    status = reader.restore(checkpoint).expect_partial()
-    status.assert_existing_objects_matched()
-  except (AssertionError, ValueError, tf.errors.OpError) as e:
-    raise DataError(f"checkpoint {checkpoint} does not fit the model of "
-                    f"{path}: {str(e).splitlines()[0]}") from None
-  return Restored(model, config, source, checkpoint)
-
-
 def prepare_for_export(model: keras.Model) -> keras.Model:
   """The default `prepare` hook: the restored model, unchanged.
 
@@ -117,135 +70,15 @@ def prepare_for_export(model: keras.Model) -> keras.Model:
   return model
 
 
-def with_builtin_layers(model: keras.Model) -> keras.Model:
-  """A copy of `model` with `trainer.layers.DenseLayer` as `keras.layers.Dense`.
-
-  `model.quantize` only reaches layers that implement `quantize` (Keras'
-  Dense, EinsumDense, Embedding); it skips custom layers with a warning.
-  DenseLayer computes exactly what Dense does with the same weights, so the
-  copy has the same outputs and is quantizable.
-  """
-
-  def clone(layer):
-    if isinstance(layer, layers.DenseLayer):
-      return keras.layers.Dense(layer.units, activation=layer.activation,
-                                use_bias=layer.use_bias, name=layer.name)
-    return layer.__class__.from_config(layer.get_config())
-
-  copy = keras.models.clone_model(model, clone_function=clone)
-  for layer in model.layers:  # weights, not dropout seed states (renamed)
-    if layer.weights:
-      copy.get_layer(layer.name).set_weights(layer.get_weights())
-  return copy
-
-
-def quantize_keras(model: keras.Model, mode: str) -> tuple[keras.Model,
-                                                           list[str]]:
-  """`model.quantize(mode)` on a quantizable copy; returns it and the names
-  of the layers it quantized. Raises RuntimeError if it quantized none."""
-  copy = with_builtin_layers(model)
-  with warnings.catch_warnings():  # "Layer X has no `quantize` method"
-    warnings.simplefilter("ignore")
-    copy.quantize(mode)
-  names = [l.name for l in copy.layers
-           if l.dtype_policy.quantization_mode == mode]
-  if not names:
-    raise RuntimeError(f"model.quantize({mode!r}) found no layer to quantize")
-  return copy, names
-
-
-def write_saved_model(model: keras.Model, path: str) -> None:
-  """A SavedModel whose `serving_default` signature maps float32 `images`
-  [batch, H, W, C] to float32 logits `output_0` [batch, num_classes]."""
-  spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32,
-                       name=SERVING_INPUT)
-  model.export(path, format="tf_saved_model", verbose=False,
-               input_signature=[spec])
-
-
-def tflite_model(saved_model: str, kind: str,
-                 representative: Callable[[], Iterator[list]] | None = None
-                ) -> bytes:
-  """A SavedModel converted to TFLite: `kind` is `float32`; `float16`
-  (float16 weights); `dynamic_range` (int8 weights, activations quantized
-  at run time); `int8` (full integer, int8 input and output, calibrated on
-  `representative`, which yields `[images float32 [b, H, W, C]]`)."""
-  converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
-  if kind != "float32":
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-  if kind == "float16":
-    converter.target_spec.supported_types = [tf.float16]
-  elif kind == "int8":
-    converter.representative_dataset = representative
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
-  return converter.convert()
-
-
-def representative_dataset(source: data_lib.Source, batches: int, seed: int
-                          ) -> Callable[[], Iterator[list]]:
-  """`batches` batches of REPRESENTATIVE_BATCH_SIZE training images."""
-  ds = source.train.shuffle(10_000, seed=seed).batch(
+def representative_dataset(train: task_lib.Examples,
+                           signature: signature_lib.Signature, batches: int,
+                           seed: int) -> Callable[[], Iterator[dict]]:
+  """`batches` batches of REPRESENTATIVE_BATCH_SIZE training examples,
+  shuffled with `seed`, as {input name: array}."""
+  ds = train.dataset.shuffle(SHUFFLE_BUFFER, seed=seed).batch(
       REPRESENTATIVE_BATCH_SIZE).take(batches)
-  return lambda: ([images] for images, _ in ds.as_numpy_iterator())
-
-
-def predictor(name: str, path: str) -> Callable[[np.ndarray], np.ndarray]:
-  """Format `name` loaded from `path`, as a function from images float32
-  [b, H, W, C] to logits float32 [b, classes]. TFLite runs whole batches
-  (the input is resized to each batch), with int8 inputs quantized and
-  int8 outputs dequantized by the tensors' scale and zero point."""
-  if name.startswith("keras"):
-    model = keras.models.load_model(path)
-    return lambda x: keras.ops.convert_to_numpy(model(x, training=False))
-  if name == "saved_model":
-    serve = tf.saved_model.load(path).signatures["serving_default"]
-    return lambda x: serve(**{SERVING_INPUT: tf.constant(x)})[
-        "output_0"].numpy()
-  with warnings.catch_warnings():  # tf.lite.Interpreter is deprecated
-    warnings.simplefilter("ignore")
-    interpreter = tf.lite.Interpreter(model_path=path)
-  inp = interpreter.get_input_details()[0]
-  out = interpreter.get_output_details()[0]
-  shape = [None]
-
-  def predict(x):
-    if shape[0] != x.shape:
-      interpreter.resize_tensor_input(inp["index"], x.shape)
-      interpreter.allocate_tensors()
-      shape[0] = x.shape
-    if inp["dtype"] == np.int8:
-      scale, zero = inp["quantization"]
-      x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
-    interpreter.set_tensor(inp["index"], x)
-    interpreter.invoke()
-    y = interpreter.get_tensor(out["index"])
-    if out["dtype"] == np.int8:
-      scale, zero = out["quantization"]
-      y = (y.astype(np.float32) - zero) * scale
-    return y
-
-  return predict
-
-
-def _compare(logits: np.ndarray, reference: np.ndarray,
-             labels: np.ndarray) -> dict:
-  """Accuracy, and how far `logits` [n, classes] are from `reference`."""
-  probs = [np.exp(z - z.max(1, keepdims=True)) for z in (logits, reference)]
-  probs = [p / p.sum(1, keepdims=True) for p in probs]
-  top, top_ref = logits.argmax(1), reference.argmax(1)
-  return {"accuracy": float(np.mean(top == labels)),
-          "max_abs_logit_diff": float(np.abs(logits - reference).max()),
-          "max_abs_prob_diff": float(np.abs(probs[0] - probs[1]).max()),
-          "agreement": float(np.mean(top == top_ref))}
-
-
-def _size(path: str) -> int:
-  if os.path.isfile(path):
-    return os.path.getsize(path)
-  return sum(os.path.getsize(os.path.join(d, f))
-             for d, _, files in os.walk(path) for f in files)
+  return lambda: (signature.named(batch[0])
+                  for batch in ds.as_numpy_iterator())
 
 
 def export(workdir: str, formats: tuple[str, ...] = FORMATS, *,
@@ -254,8 +87,8 @@ def export(workdir: str, formats: tuple[str, ...] = FORMATS, *,
           ) -> dict:
   """Writes `formats` and report.json into WORKDIR/export; returns the report.
 
-  A format that fails (a quantization Keras cannot apply, a converter error)
-  is left out and reported with its error under `formats`.
+  A format that cannot apply to the model is left out and reported with
+  `skipped` (the reason); one that fails (a converter error) with `error`.
 
   Raises:
     ConfigError, DataError: bad input, before anything is written.
@@ -264,14 +97,27 @@ def export(workdir: str, formats: tuple[str, ...] = FORMATS, *,
   if representative_batches < 1:
     raise ConfigError("--representative_batches must be a positive int, got "
                       f"{representative_batches}")
+  with float32_policy():
+    return _export(workdir, formats, representative_batches, prepare)
+
+
+def _export(workdir: str, formats: tuple[str, ...],
+            representative_batches: int,
+            prepare: Callable[[keras.Model], keras.Model]) -> dict:
+  """export(), under the float32 policy."""
   run = restore(workdir)
+  evals = task_lib.examples(run.task.eval_data(), "eval_data")
+  train = (task_lib.examples(run.task.train_data(), "train_data")
+           if "tflite_int8" in formats else None)
   model = prepare(run.model)
   final = os.path.join(workdir, "export")
   staging = os.path.join(workdir, f".export.tmp-{os.getpid()}")
   shutil.rmtree(staging, ignore_errors=True)
   os.makedirs(staging)
   try:
-    report = _export_into(staging, model, run, formats, representative_batches)
+    report = _export_into(staging, model, run, formats, evals=evals,
+                          train=train,
+                          representative_batches=representative_batches)
     with open(os.path.join(staging, "report.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
     if os.path.exists(final):
@@ -283,68 +129,167 @@ def export(workdir: str, formats: tuple[str, ...] = FORMATS, *,
   return report
 
 
+class _Evaluation:
+  """Runs a format over the task's eval split, batch by batch, against the
+  float32 model's outputs (held in memory; the inputs are read again for
+  each format, so eval_data() must give the same examples in the same order
+  each time it is read, as arrays and unshuffled datasets do)."""
+
+  def __init__(self, run: Restored, model: keras.Model,
+               evals: task_lib.Examples):
+    self.task = run.task
+    self.dataset = evals.dataset.batch(int(run.config.data.eval_batch_size))
+    self.reference, self.examples, self.signature = [], 0, None
+    for batch in self.dataset.as_numpy_iterator():
+      outputs = tf.nest.map_structure(keras.ops.convert_to_numpy,
+                                      model(batch[0], training=False))
+      if self.signature is None:
+        self.signature = signature_lib.of_model(model, batch[0], outputs)
+      self.reference.append(tf.nest.flatten(outputs))
+      self.examples += len(self.reference[-1][0])
+    if self.signature is None:
+      raise DataError("eval_data() returned no examples: the export is "
+                      "evaluated on them")
+
+  def run(self, predict: Callable[[object], list]) -> dict:
+    """`metrics`: the task's metrics (fresh from build_metrics()) of
+    `predict` over the eval split; `max_abs_diff`: the largest |difference|
+    from the float32 outputs over every output and example; `agreement`: the
+    fraction of examples whose argmax (last axis) agrees with the float32
+    model's on every classification-shaped output ([..., k >= 2], float),
+    if there is one."""
+    metrics = self.task.build_metrics()
+    diff, agree = 0.0, []
+    for batch, reference in zip(self.dataset.as_numpy_iterator(),
+                                self.reference):
+      x, y, weight = keras.utils.unpack_x_y_sample_weight(tuple(batch))
+      flat = predict(x)
+      y_pred = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32),
+                                     self.signature.pack_outputs(flat))
+      for metric in metrics:
+        metric.update_state(y, y_pred, sample_weight=weight)
+      same = None
+      for out, ref in zip(flat, reference):
+        diff = max(diff, float(np.abs(out.astype(np.float64) - ref).max()))
+        if ref.ndim >= 2 and ref.shape[-1] >= 2 and ref.dtype.kind == "f":
+          hit = (out.argmax(-1) == ref.argmax(-1)).reshape(len(ref), -1)
+          same = hit.all(1) if same is None else same & hit.all(1)
+      if same is not None:
+        agree.append(same)
+    row = {"metrics": {m.name: _number(m.result()) for m in metrics},
+           "max_abs_diff": diff}
+    if agree:
+      row["agreement"] = float(np.concatenate(agree).mean())
+    return row
+
+
+def _number(value):
+  """A metric result as a float, a list of floats, or a dict of them."""
+  if isinstance(value, dict):
+    return {k: _number(v) for k, v in value.items()}
+  array = np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64)
+  return array.item() if array.size == 1 else array.tolist()
+
+
+def _write(name: str, path: str, model: keras.Model, saved_model: str,
+           representative: Callable[[], Iterator[dict]] | None) -> dict:
+  """Writes format `name` to `path`; returns what the report says of it."""
+  row = {}
+  if name == "keras":
+    model.save(path)
+  elif name.startswith("keras_"):
+    quantized, row["quantized_layers"] = quantize_keras(model, name[6:])
+    quantized.save(path)
+  elif name.startswith("tflite_"):
+    content = tflite_model(saved_model, name[7:], representative
+                           if name == "tflite_int8" else None)
+    with open(path, "wb") as f:
+      f.write(content)
+  return row
+
+
 def _export_into(directory: str, model: keras.Model, run: Restored,
-                 formats: tuple[str, ...], representative_batches: int
-                ) -> dict:
+                 formats: tuple[str, ...], *, evals: task_lib.Examples,
+                 train: task_lib.Examples | None,
+                 representative_batches: int) -> dict:
   """Writes each format into `directory`, evaluates it, returns the report."""
-  batch_size = int(run.config.data.eval_batch_size)
-  batches = lambda: run.source.eval.batch(batch_size).as_numpy_iterator()
-  labels = np.concatenate([y for _, y in batches()])
-  reference = np.concatenate([keras.ops.convert_to_numpy(
-      model(x, training=False)) for x, _ in batches()])
+  evaluation = _Evaluation(run, model, evals)
+  signature = evaluation.signature
   saved_model = os.path.join(directory, FILES["saved_model"])
   if any(f == "saved_model" or f.startswith("tflite") for f in formats):
-    write_saved_model(model, saved_model)
+    signature_lib.write_saved_model(model, signature, saved_model)
+  float32 = evaluation.run(
+      lambda x: [keras.ops.convert_to_numpy(t) for t in tf.nest.flatten(
+          model(x, training=False))])
+  representative = train and representative_dataset(
+      train, signature, representative_batches, run.config.seed)
   rows = {}
   for name in formats:
     path = os.path.join(directory, FILES[name])
     row = rows[name] = {"file": FILES[name]}
     try:
-      if name == "keras":
-        model.save(path)
-      elif name.startswith("keras_"):
-        quantized, row["quantized_layers"] = quantize_keras(model, name[6:])
-        quantized.save(path)
-      elif name.startswith("tflite_"):
-        representative = representative_dataset(
-            run.source, representative_batches, run.config.seed
-        ) if name == "tflite_int8" else None
-        with open(path, "wb") as f:
-          f.write(tflite_model(saved_model, name[7:], representative))
-      predict = predictor(name, path)
-      logits = np.concatenate([predict(x) for x, _ in batches()])
+      written = _write(name, path, model, saved_model, representative)
+      row.update(bytes=_size(path), **written,
+                 **evaluation.run(predictor(name, path, signature)))
+    except Skipped as e:
+      row["skipped"] = str(e)
     except Exception as e:  # pylint: disable=broad-except
-      row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+      row["error"] = first_line(e)
+    if "skipped" in row or "error" in row:
+      for key in set(row) - {"file", "skipped", "error"}:
+        del row[key]
       if os.path.isfile(path):
         os.remove(path)
-      continue
-    row.update(bytes=_size(path), **_compare(logits, reference, labels))
   if "saved_model" not in formats:
     shutil.rmtree(saved_model, ignore_errors=True)
-  return {
-      "checkpoint": run.checkpoint, "model": run.config.model.name,
-      "trained_policy": run.config.precision.policy,
-      "eval_examples": len(labels),
-      "float32_accuracy": float(np.mean(reference.argmax(1) == labels)),
+  report = {
+      "checkpoint": run.checkpoint, "task": run.config.task,
+      "model": model.name, "trained_policy": run.config.precision.policy,
+      "signature": signature.describe(),
+      "eval_examples": evaluation.examples,
+      "float32_metrics": float32["metrics"],
       "compared_with": "the float32 Keras model restored from the checkpoint"
-                       " (max |difference| over the eval set)",
-      "representative_examples": min(
-          representative_batches * REPRESENTATIVE_BATCH_SIZE,
-          run.source.info.num_train or 1 << 62),
-      "tflite_int8_io": "int8 (quantized by the tensors' scale, zero point)",
-      "formats": rows}
+                       " (max |difference| over the eval set)"}
+  if train:
+    report["representative_examples"] = min(
+        representative_batches * REPRESENTATIVE_BATCH_SIZE,
+        train.size or 1 << 62)
+    report["tflite_int8_io"] = ("float inputs and outputs int8 (quantized by "
+                                "the tensor's scale, zero point); integer "
+                                "inputs as they are")
+  report["formats"] = rows
+  return report
+
+
+def _size(path: str) -> int:
+  if os.path.isfile(path):
+    return os.path.getsize(path)
+  return sum(os.path.getsize(os.path.join(d, f))
+             for d, _, files in os.walk(path) for f in files)
 
 
 def format_table(report: dict) -> str:
-  """The report as a fixed-width text table, one row per format."""
-  lines = [f"{'format':<22}{'bytes':>10}{'accuracy':>10}"
-           f"{'max|dlogit|':>13}{'agreement':>11}"]
+  """The report as a fixed-width text table, one row per format, a column
+  per (scalar) metric of the task."""
+  names = [k for k, v in report["float32_metrics"].items()
+           if isinstance(v, float)]
+  width = max([10, *(len(n) + 2 for n in names)])
+  lines = [f"{'format':<22}{'bytes':>10}" + "".join(
+      f"{n:>{width}}" for n in names) + f"{'max|diff|':>12}{'agreement':>11}"]
   for name, row in report["formats"].items():
-    if "error" in row:
-      lines.append(f"{name:<22}  failed: {row['error']}")
+    if "error" in row or "skipped" in row:
+      what = "failed" if "error" in row else "skipped"
+      lines.append(f"{name:<22}  {what}: {row.get('error', row.get('skipped'))}")
       continue
-    lines.append(f"{name:<22}{row['bytes']:>10}{row['accuracy']:>10.4f}"
-                 f"{row['max_abs_logit_diff']:>13.2e}{row['agreement']:>11.4f}")
-  lines.append(f"float32 reference accuracy {report['float32_accuracy']:.4f} "
-               f"on {report['eval_examples']} eval examples")
+    agreement = row.get("agreement")
+    lines.append(
+        f"{name:<22}{row['bytes']:>10}" + "".join(
+            f"{row['metrics'][n]:>{width}.4f}" for n in names) +
+        f"{row['max_abs_diff']:>12.2e}" +
+        (f"{agreement:>11.4f}" if agreement is not None else f"{'-':>11}"))
+  reference = ", ".join(f"{n} {v:.4f}" for n, v in
+                        report["float32_metrics"].items()
+                        if isinstance(v, float))
+  lines.append(f"float32 reference: {reference} on {report['eval_examples']} "
+               "eval examples")
   return "\n".join(lines)

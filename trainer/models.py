@@ -1,8 +1,9 @@
 """Models by name (`model.name`). Every model ends in a float32 logits layer,
 so predictions and losses are float32 under every precision policy.
 
-Shapes: input [batch, *DataInfo.input_shape] float32, output [batch,
-num_classes] float32 logits.
+Shapes: input `images` [batch, *DataInfo.input_shape] float32, output
+`logits` [batch, num_classes] float32 (the names an exported SavedModel's
+signature takes from the model).
 """
 
 from typing import Callable
@@ -15,6 +16,13 @@ from trainer.data import DataInfo
 from trainer.errors import ConfigError
 
 
+INPUT_NAME = "images"
+
+
+def _images(info: DataInfo) -> keras.KerasTensor:
+  return keras.Input(info.input_shape, name=INPUT_NAME)
+
+
 def _logits(x, num_classes):
   return keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
 
@@ -25,7 +33,7 @@ def mlp(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
   The hidden layers are `trainer.layers.DenseLayer`, numerically the same as
   `keras.layers.Dense` (same initializers, ops and variable paths).
   """
-  inputs = keras.Input(info.input_shape)
+  inputs = _images(info)
   x = keras.layers.Flatten()(inputs)
   for i in range(cfg.depth):
     x = layers.DenseLayer(cfg.width, activation="relu", name=f"dense_{i}")(x)
@@ -36,7 +44,7 @@ def mlp(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
 
 def cnn(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
   """Two conv blocks (`width`, 2*`width` filters), global pooling, logits."""
-  inputs = keras.Input(info.input_shape)
+  inputs = _images(info)
   x = inputs
   for i, filters in enumerate((cfg.width, 2 * cfg.width)):
     x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
@@ -77,7 +85,7 @@ def resnet(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
 
   `sync_batch_norm`: every BatchNormalization layer is cross-replica.
   """
-  inputs = keras.Input(info.input_shape)
+  inputs = _images(info)
   # Every layer with variables is named: checkpoints key variables by path,
   # and Keras' automatic names depend on what the process built before. The
   # stem keeps the names a fresh process gave it, so older checkpoints load.
@@ -104,7 +112,7 @@ def resnet50(cfg: ml_collections.ConfigDict, info: DataInfo) -> keras.Model:
                       f"{info.input_shape}; set --config.data.image_size=32 "
                       "or larger")
   backbone = keras.applications.ResNet50(
-      include_top=False, weights=None, input_shape=info.input_shape,
+      include_top=False, weights=None, input_tensor=_images(info),
       pooling="avg")
   if cfg.sync_batch_norm:
     backbone = layers.synchronize_batch_norm(backbone)

@@ -1,0 +1,124 @@
+"""A finished run's model, rebuilt for inference (trainer/export.py).
+
+WORKDIR/config.json -> the run's task (`task`, trainer/task.py; an older
+config without `task` gets the default) -> `task.build_model()` under the
+float32 policy (variables are float32 under every policy) <- the model's
+variables from the latest checkpoint (not the optimizer, step or input
+offset). Loading the task imports its module, so the custom objects it
+registers resolve when a saved `.keras` is loaded in the same process.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+
+import keras
+import ml_collections
+import tensorflow as tf
+
+from trainer import checkpoint as checkpoint_lib
+from trainer import config as config_lib
+from trainer import task as task_lib
+from trainer.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A trained run rebuilt for export."""
+  model: keras.Model  # float32, weights from `checkpoint`
+  config: ml_collections.ConfigDict  # the run's resolved config
+  task: object  # the run's task, built from `config.task`
+  checkpoint: str  # the checkpoint path restored
+
+
+@contextlib.contextmanager
+def float32_policy():
+  """The global Keras dtype policy float32 inside, the previous one after:
+  models built, copied (quantization), saved and loaded here are float32
+  whatever policy the process trained with."""
+  previous = keras.config.dtype_policy()
+  keras.config.set_dtype_policy("float32")
+  try:
+    yield
+  finally:
+    keras.config.set_dtype_policy(previous)
+
+
+def restore(workdir: str) -> Restored:
+  """Rebuilds the run's task and its model in float32, and restores the
+  model from the latest checkpoint. Imports the task's module, so the
+  custom objects it registers resolve when a saved `.keras` is loaded.
+
+  Raises:
+    ConfigError, DataError: no such run, a task that cannot be loaded, or a
+      checkpoint that does not fit.
+  """
+  if not os.path.isdir(workdir):
+    raise DataError(f"workdir {workdir} does not exist; pass the --workdir "
+                    "of a finished `launch.train` run")
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise DataError(f"{path} not found: {workdir} holds no training run; "
+                    "train first with `python -m launch.train`")
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = config_lib.with_defaults(json.load(f))
+  except (ValueError, OSError) as e:
+    raise DataError(f"cannot read {path}: {e}") from None
+  checkpoint = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  if checkpoint is None:
+    raise DataError(f"no checkpoint in {workdir}/checkpoints; train (or "
+                    "resume) the run until it saves one")
+  task = task_lib.load_task(config.task, config)
+  with float32_policy():
+    model = task.build_model()
+    if not isinstance(model, keras.Model):
+      raise ConfigError(f"build_model() returned {type(model).__name__}, "
+                        "not a keras.Model")
+    if not model.variables:  # a subclassed model makes them when called
+      evals = task_lib.examples(task.eval_data(), "eval_data")
+      model(next(iter(evals.dataset.batch(2)))[0], training=False)
+  reader = tf.train.Checkpoint(model=_model_state(model, checkpoint))
+  try:  # only the model: not the optimizer, step or input offset
+    status = reader.restore(checkpoint).expect_partial()
+    status.assert_existing_objects_matched()
+  except (AssertionError, ValueError, tf.errors.OpError) as e:
+    raise DataError(f"checkpoint {checkpoint} does not fit the model of "
+                    f"{path}: {str(e).splitlines()[0]}") from None
+  return Restored(model, config, task, checkpoint)
+
+
+def _saved_paths(checkpoint: str) -> set[str]:
+  """The variable paths of the model in `checkpoint` (checkpoint.model_state
+  keys, unescaped: '.S' is '/', '..' is '.')."""
+  prefix, suffix = "model/", "/.ATTRIBUTES/VARIABLE_VALUE"
+  unescape = lambda key: re.sub(r"\.(.)", lambda m: "/" if m.group(1) == "S"
+                                else m.group(1), key)
+  return {unescape(name[len(prefix):-len(suffix)])
+          for name, _ in tf.train.list_variables(checkpoint)
+          if name.startswith(prefix) and name.endswith(suffix)}
+
+
+def _model_state(model: keras.Model, checkpoint: str) -> dict:
+  """checkpoint.model_state(model), its paths renamed to the checkpoint's
+  where they differ only in the model's own name.
+
+  A Sequential (or subclassed) model's variable paths start with its name,
+  and an unnamed model's name depends on what the process built before
+  (`sequential` in a fresh process, `sequential_1` after another one): a
+  model trained in one process and exported from another that has built a
+  model already is the same model under another name.
+  """
+  state = checkpoint_lib.model_state(model)
+  saved = _saved_paths(checkpoint)
+  own = f"{model.name}/"
+  if set(state) <= saved or not all(p.startswith(own) for p in state):
+    return state
+  rest = [p[len(own):] for p in state]
+  names = {p.split("/", 1)[0] for p in saved}
+  fits = [n for n in names if all(f"{n}/{r}" in saved for r in rest)]
+  if len(fits) != 1:
+    return state
+  return {f"{fits[0]}/{r}": v for r, v in zip(rest, state.values())}
