@@ -3,6 +3,7 @@ examples in configs/ on 2 replicas, exact resume after SIGKILL, a task file
 outside the repository, and every kind of broken task as one error line
 with nothing written."""
 
+import logging
 import os
 import re
 import signal
@@ -230,6 +231,39 @@ def test_a_task_file_outside_the_repository_runs_from_its_own_config(
   last = bad.stderr.strip().splitlines()[-1]
   assert last == f"error: task '{task}:Nope': {task[:-3]}.py has no 'Nope'"
   assert not (tmp_path / "bad").exists()
+
+
+def test_a_subclassed_model_trains_and_resumes_in_the_same_process(
+    tmp_path, mirrored, caplog):
+  """A model that makes its variables when first called (it failed: 'must
+  only be passed a variable created in this tf.distribute.Strategy.scope()'),
+  resumed in the process that trained it (its automatic name differs then:
+  `net_1`, not `net`)."""
+  del mirrored  # the 2 logical CPUs
+  text = textwrap.dedent(TASK_FILE).replace(
+      "return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])",
+      "return Net()").replace("class Task:", textwrap.dedent("""\
+      class Net(keras.Model):
+        def __init__(self):
+          super().__init__()
+          self.hidden = keras.layers.Dense(8, activation="relu")
+          self.out = keras.layers.Dense(3)
+
+        def call(self, x):
+          return self.out(self.hidden(x))
+
+
+      class Task:"""))
+  path = _write(tmp_path, "subclassed.py", text)
+  config = _config(f"{path}:Task")
+  config.distribution.strategy = "mirrored"
+  config.distribution.num_cpu_devices = 2
+  assert run(config, str(tmp_path / "run")).steps == 8
+  config.train.steps = 12
+  caplog.set_level(logging.INFO, logger="absl")
+  again = run(config, str(tmp_path / "run"))
+  assert again.steps == 12 and np.isfinite(again.logs["eval/loss"])
+  assert "ckpt-8 (step 8)" in caplog.text
 
 
 def test_run_takes_a_task_object(tmp_path):

@@ -18,6 +18,7 @@ import contextlib
 import glob
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -51,15 +52,45 @@ def enable_keras_async_checkpoints() -> None:
   keras_tf_core.Variable._copy_trackable_to_cpu = _copy_keras_variable_to_cpu  # pylint: disable=protected-access
 
 
-def model_state(model) -> dict:
+def model_state(model, checkpoint: str | None = None) -> dict:
   """The model's part of a checkpoint: every variable by its path.
 
   Keras 3 models do not expose their variables to tf.train.Checkpoint (only
   the optimizer's copies of the trainable ones get saved), so the model's
   state is listed by variable path: weights, non-trainable statistics
   (batch norm) and the dropout seed generators' state.
+
+  Given the `checkpoint` to restore, paths that differ from the saved ones
+  only in the model's own name are renamed to them: a Sequential or
+  subclassed model's paths start with its name, and an unnamed model's name
+  depends on what the process built before (`sequential` in a fresh
+  process, `sequential_1` after another one), so the same model resumed or
+  exported in a process that built one already still restores.
   """
-  return {v.path: v for v in model.variables}
+  state = {v.path: v for v in model.variables}
+  if checkpoint is None:
+    return state
+  saved = _saved_paths(checkpoint)
+  own = f"{model.name}/"
+  if set(state) <= saved or not all(p.startswith(own) for p in state):
+    return state
+  rest = [p[len(own):] for p in state]
+  names = {p.split("/", 1)[0] for p in saved}
+  fits = [n for n in names if all(f"{n}/{r}" in saved for r in rest)]
+  if len(fits) != 1:
+    return state
+  return {f"{fits[0]}/{r}": v for r, v in zip(rest, state.values())}
+
+
+def _saved_paths(checkpoint: str) -> set[str]:
+  """The variable paths of the model in `checkpoint` (model_state keys,
+  unescaped: '.S' is '/', '..' is '.')."""
+  prefix, suffix = "model/", "/.ATTRIBUTES/VARIABLE_VALUE"
+  unescape = lambda key: re.sub(r"\.(.)", lambda m: "/" if m.group(1) == "S"
+                                else m.group(1), key)
+  return {unescape(name[len(prefix):-len(suffix)])
+          for name, _ in tf.train.list_variables(checkpoint)
+          if name.startswith(prefix) and name.endswith(suffix)}
 
 
 class CheckpointWriteError(RuntimeError):
@@ -121,6 +152,7 @@ class Checkpointer:
     # The optimizer's own state and the loss scale are saved apart, so the
     # layout is the same under every precision.policy: a run resumes under
     # another policy (the variables are float32 in all of them).
+    self._model = model
     self._state = {"model": model_state(model),
                    "optimizer": getattr(optimizer, "inner_optimizer",
                                         optimizer),
@@ -191,28 +223,34 @@ class Checkpointer:
     from the initial scale; one written with a loss scale restores into any
     policy. A mixed_float16 checkpoint of the earlier layout (the whole
     LossScaleOptimizer as `optimizer`) still restores, into any policy.
+    Model paths that differ only in the model's name are matched
+    (`model_state`).
     """
     try:
       keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
     except (tf.errors.OpError, ValueError):
       return self.checkpoint  # let restore report it
+    state = dict(self._state)
+    renamed = model_state(self._model, path)
+    changed = set(renamed) != set(state["model"])
+    if changed:
+      state["model"] = renamed
     earlier = any(k.startswith("optimizer/inner_optimizer/") for k in keys)
-    if self._loss_scaled is None:
-      if not earlier:
-        return self.checkpoint
-      return tf.train.Checkpoint(**{**self._state, "optimizer":
-                                    tf.train.Checkpoint(
-                                        inner_optimizer=self._state[
-                                            "optimizer"])})
-    if earlier:
-      state = {k: v for k, v in self._state.items() if k != "loss_scale"}
-      return tf.train.Checkpoint(**{**state, "optimizer": self._loss_scaled})
-    if not any(k.startswith("loss_scale/") for k in keys):
+    if self._loss_scaled is None and earlier:
+      state["optimizer"] = tf.train.Checkpoint(
+          inner_optimizer=self._state["optimizer"])
+    elif self._loss_scaled is not None and earlier:
+      del state["loss_scale"]
+      state["optimizer"] = self._loss_scaled
+    elif self._loss_scaled is not None and not any(
+        k.startswith("loss_scale/") for k in keys):
       logging.info("checkpoint %s has no loss scale (written under another "
                    "precision.policy): starting from the initial scale", path)
-      return tf.train.Checkpoint(**{k: v for k, v in self._state.items()
-                                    if k != "loss_scale"})
-    return self.checkpoint
+      del state["loss_scale"]
+    if not changed and state.keys() == self._state.keys() and (
+        state["optimizer"] is self._state["optimizer"]):
+      return self.checkpoint
+    return tf.train.Checkpoint(**state)
 
   @property
   def input_position(self) -> int:

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 
 import keras
 import ml_collections
@@ -80,7 +79,8 @@ def restore(workdir: str) -> Restored:
     if not model.variables:  # a subclassed model makes them when called
       evals = task_lib.examples(task.eval_data(), "eval_data")
       model(next(iter(evals.dataset.batch(2)))[0], training=False)
-  reader = tf.train.Checkpoint(model=_model_state(model, checkpoint))
+  reader = tf.train.Checkpoint(
+      model=checkpoint_lib.model_state(model, checkpoint))
   try:  # only the model: not the optimizer, step or input offset
     status = reader.restore(checkpoint).expect_partial()
     status.assert_existing_objects_matched()
@@ -88,37 +88,3 @@ def restore(workdir: str) -> Restored:
     raise DataError(f"checkpoint {checkpoint} does not fit the model of "
                     f"{path}: {str(e).splitlines()[0]}") from None
   return Restored(model, config, task, checkpoint)
-
-
-def _saved_paths(checkpoint: str) -> set[str]:
-  """The variable paths of the model in `checkpoint` (checkpoint.model_state
-  keys, unescaped: '.S' is '/', '..' is '.')."""
-  prefix, suffix = "model/", "/.ATTRIBUTES/VARIABLE_VALUE"
-  unescape = lambda key: re.sub(r"\.(.)", lambda m: "/" if m.group(1) == "S"
-                                else m.group(1), key)
-  return {unescape(name[len(prefix):-len(suffix)])
-          for name, _ in tf.train.list_variables(checkpoint)
-          if name.startswith(prefix) and name.endswith(suffix)}
-
-
-def _model_state(model: keras.Model, checkpoint: str) -> dict:
-  """checkpoint.model_state(model), its paths renamed to the checkpoint's
-  where they differ only in the model's own name.
-
-  A Sequential (or subclassed) model's variable paths start with its name,
-  and an unnamed model's name depends on what the process built before
-  (`sequential` in a fresh process, `sequential_1` after another one): a
-  model trained in one process and exported from another that has built a
-  model already is the same model under another name.
-  """
-  state = checkpoint_lib.model_state(model)
-  saved = _saved_paths(checkpoint)
-  own = f"{model.name}/"
-  if set(state) <= saved or not all(p.startswith(own) for p in state):
-    return state
-  rest = [p[len(own):] for p in state]
-  names = {p.split("/", 1)[0] for p in saved}
-  fits = [n for n in names if all(f"{n}/{r}" in saved for r in rest)]
-  if len(fits) != 1:
-    return state
-  return {f"{fits[0]}/{r}": v for r, v in zip(rest, state.values())}

@@ -148,6 +148,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   compute_loss = getattr(task, "compute_loss", None)
   with strategy.scope():
     model = task.build_model()
+    task_lib.build_variables(model, train)
     optimizer = (task.build_optimizer() if hasattr(task, "build_optimizer")
                  else optimizers.build_optimizer(config.optimizer,
                                                  config.train.steps))

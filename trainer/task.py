@@ -165,6 +165,16 @@ def examples(value, method: str) -> Examples:
   return Examples(tf.data.Dataset.from_tensor_slices(arrays), arrays, size)
 
 
+def build_variables(model, train: Examples) -> None:
+  """Calls a model that has no variables yet (a subclassed model makes them
+  when first called) on 2 training examples; call inside strategy.scope()
+  so its variables are the strategy's."""
+  if isinstance(model, keras.Model) and not model.variables:
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(
+        next(iter(train.dataset.batch(2))))
+    model(x, training=False)
+
+
 def check_task(task, model: keras.Model, train: Examples, *,
                compute_loss=None) -> None:
   """Runs the model, the loss and the metrics on 2 training examples, eagerly
