@@ -437,7 +437,7 @@ def test_restore_finds_a_sequential_model_saved_under_another_name(
   path = tf.train.Checkpoint(model=checkpoint_lib.model_state(
       trained)).save(str(tmp_path / "ckpt"))
   again = build("sequential_7")
-  state = restore_lib._model_state(again, path)  # pylint: disable=protected-access
+  state = checkpoint_lib.model_state(again, path)
   assert sorted(state) == ["sequential/head/bias", "sequential/head/kernel"]
   status = tf.train.Checkpoint(model=state).restore(path).expect_partial()
   status.assert_existing_objects_matched()
