@@ -174,18 +174,25 @@ def _metrics(workdir) -> list[dict]:
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
-def test_two_workers_train_digits_and_only_the_chief_writes(tmp_path):
-  workdir, log = tmp_path / "run", tmp_path / "slurm.log"
-  start = time.monotonic()
-  job = _submit(workdir, log, ["--config.train.steps=300"])
+def _run_to_completion(workdir, log, flags, **submit) -> tuple[str, str]:
+  """Submits, waits for the job to end, asserts it COMPLETED with exit 0;
+  returns (job id, its log)."""
+  job = _submit(workdir, log, flags, **submit)
   try:
     _wait("the job to end", lambda: _job(job).get("JobState") in ENDED, 110,
           log)
   finally:
     _cancel(job)
-  info, text = _job(job), log.read_text()
+  info = _job(job)
   assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), \
       _tail(log)
+  return job, log.read_text()
+
+
+def test_two_workers_train_digits_and_only_the_chief_writes(tmp_path):
+  workdir, log = tmp_path / "run", tmp_path / "slurm.log"
+  start = time.monotonic()
+  job, text = _run_to_completion(workdir, log, ["--config.train.steps=300"])
   for task in (0, 1):  # both workers saw the same 2-worker cluster
     assert re.search(
         r"strategy MultiWorkerMirroredStrategy: 2 replica\(s\), cluster "
@@ -215,16 +222,8 @@ def test_a_users_own_task_trains_on_two_workers(tmp_path):
   """configs/regression.py: a task with its own loss, metric and
   activation, as a SLURM job of 2 tasks."""
   workdir, log = tmp_path / "run", tmp_path / "slurm.log"
-  job = _submit(workdir, log, ["--config.train.steps=100"],
-                config="configs/regression.py")
-  try:
-    _wait("the job to end", lambda: _job(job).get("JobState") in ENDED, 110,
-          log)
-  finally:
-    _cancel(job)
-  info, text = _job(job), log.read_text()
-  assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), \
-      _tail(log)
+  _, text = _run_to_completion(workdir, log, ["--config.train.steps=100"],
+                               config="configs/regression.py")
   assert "MultiWorkerMirroredStrategy: 2 replica(s)" in text, _tail(log)
   evals = [r for r in _metrics(workdir) if "eval/r2" in r]
   assert evals and evals[-1]["step"] == 100 and "eval/mae" in evals[-1]
