@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from configs.custom_dense import MyDense
 from conftest import ROOT, run_module
+from trainer import inputs as inputs_lib
 from trainer.loop import Trainer
 
 EPOCHS, BATCH = 10, 32
@@ -121,22 +122,60 @@ def test_numpy_inputs_give_the_same_weights_as_the_dataset(mirrored):
 
 def test_numpy_inputs_are_reshuffled_every_epoch_with_the_trainer_seed(
     mirrored):
+  """Two epochs see the examples in two different orders; the same seed
+  gives the same orders; shuffle=False keeps the given order."""
   x, y = _data()
-  first, second = _trainer(mirrored), _trainer(mirrored)
-  plain = _trainer(mirrored)
-  for trainer, shuffle in ((first, True), (second, True), (plain, False)):
-    trainer.fit(x, y, batch_size=BATCH, epochs=2, shuffle=shuffle)
-  for a, b in zip(first.model.get_weights(), second.model.get_weights()):
-    np.testing.assert_array_equal(a, b)  # the same seed, the same order
-  assert not np.array_equal(first.model.get_weights()[0],
-                            plain.model.get_weights()[0])
+  orders = {}
+  for name, shuffle in (("a", True), ("b", True), ("plain", False)):
+    trainer = _trainer(mirrored)
+    data = inputs_lib.as_input(x, np.arange(100), batch_size=100,
+                               replicas=2, shuffle=shuffle, seed=trainer.seed)
+    orders[name] = [np.concatenate([b[1].numpy() for b in data])
+                    for _ in range(2)]
+  assert not np.array_equal(*orders["a"])  # epoch 2 is another order
+  for epoch in range(2):
+    np.testing.assert_array_equal(orders["a"][epoch], orders["b"][epoch])
+    np.testing.assert_array_equal(orders["plain"][epoch], np.arange(100))
+    assert sorted(orders["a"][epoch]) == list(range(100))
+
+
+def test_epochs_count_from_each_call_and_initial_epoch(mirrored):
+  """Keras' meaning: a second fit(epochs=2) trains 2 more epochs; with
+  initial_epoch=1 it trains epochs 1 .. 2 only; steps_per_epoch below one
+  pass goes on through the data (a new pass only when it runs out)."""
+  x, y = _data()
+  data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)  # 4/pass
+  trainer = _trainer(mirrored)
+  assert trainer.fit(data, epochs=2).epoch == [0, 1]
+  assert trainer.fit(data, epochs=2).epoch == [0, 1]
+  assert int(trainer.global_step.numpy()) == 16
+  history = trainer.fit(data, epochs=3, initial_epoch=1)
+  assert history.epoch == [1, 2] and int(trainer.global_step.numpy()) == 24
+  history = trainer.fit(data, epochs=3, steps_per_epoch=3)
+  # 3 steps; 1 (the data runs out: the epoch ends early); a new pass, 3.
+  assert int(trainer.global_step.numpy()) == 24 + 7
+  assert len(history.history["loss"]) == 3
+
+
+def test_stock_monitor_callbacks_find_the_trainers_metrics(mirrored):
+  """EarlyStopping(monitor='val_accuracy') with mode 'auto' looks for the
+  metric in a compiled model's metrics; the trainer tells it the way."""
+  x, y = _data()
+  stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=1)
+  _trainer(mirrored).fit(x, y, batch_size=BATCH, epochs=3,
+                         validation_data=(x, y), callbacks=[stop])
+  assert stop.mode == "max"
 
 
 def test_validation_split_and_validation_data(mirrored):
   x, y = _data()
-  history = _trainer(mirrored).fit(x, y, batch_size=BATCH, epochs=2,
-                                   validation_split=0.2)
+  trainer = _trainer(mirrored)
+  history = trainer.fit(x, y, batch_size=BATCH, epochs=2,
+                        validation_split=0.2)
   assert history.last_logs["eval/num_examples"] == 20
+  # The last 20 rows, as in Keras.
+  assert history.history["val_loss"][-1] == pytest.approx(
+      trainer.evaluate(x[80:], y[80:])["loss"], rel=1e-6)
   assert len(history.history["val_loss"]) == 2
   history = _trainer(mirrored).fit(x[:80], y[:80], batch_size=BATCH,
                                    epochs=2, validation_data=(x[80:], y[80:]))

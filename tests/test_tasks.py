@@ -3,6 +3,7 @@ examples in configs/ on 2 replicas, exact resume after SIGKILL, a task file
 outside the repository, and every kind of broken task as one error line
 with nothing written."""
 
+import json
 import logging
 import os
 import re
@@ -22,8 +23,8 @@ from trainer.run import run
 HELPERS = {"PYTHONPATH": os.path.join(ROOT, "tests", "helpers")}
 EXAMPLES = {  # config -> (overrides, a train/ key its metrics log)
     "custom_dense": ([], "train/accuracy"),
-    "regression": (["--config.train.steps=60"], "train/r2"),
-    "sequence": (["--config.train.steps=60"], "train/accuracy"),
+    "regression": (["--config.train.steps=30"], "train/r2"),
+    "sequence": (["--config.train.steps=30"], "train/accuracy"),
 }
 
 
@@ -306,3 +307,97 @@ def test_the_builtin_task_logs_the_same_keys_as_before(tmp_path):
       "train/accuracy", "train/examples", "train/examples_per_sec",
       "train/grad_norm", "train/learning_rate", "train/loop_loss",
       "train/loss", "train/skipped_steps", "train/step_time", "train/steps"}
+
+
+TWO_OUTPUTS = """
+    import keras
+    import numpy as np
+
+
+    class Task:
+      def __init__(self, config):
+        rng = np.random.default_rng(0)
+        self.x = rng.random((64, 4), dtype=np.float32)
+        self.y = rng.integers(0, 3, size=64).astype(np.int32)
+
+      def build_model(self):
+        inputs = keras.Input((4,))
+        hidden = keras.layers.Dense(8)(inputs)
+        return keras.Model(inputs, [keras.layers.Dense(3)(hidden),
+                                    keras.layers.Dense(1)(hidden)])
+
+      def train_data(self):
+        return self.x, (self.y, self.x[:, 0])
+
+      def eval_data(self):
+        return self.x, (self.y, self.x[:, 0])
+
+      def compute_loss(self, model, batch, training):
+        x, (label, target) = batch
+        logits, value = model(x, training=training)  # float16 outputs
+        ce = keras.losses.sparse_categorical_crossentropy(
+            label, logits, from_logits=True)
+        squared = (value[:, 0] - keras.ops.cast(target, value.dtype)) ** 2
+        return ce + squared, logits
+
+      def build_losses(self, labels, outputs):
+        raise AssertionError("compute_loss replaces it")
+
+      def build_metrics(self):
+        return [LabelAccuracy(name="accuracy")]
+
+
+    class LabelAccuracy(keras.metrics.SparseCategoricalAccuracy):
+      def update_state(self, y_true, y_pred, sample_weight=None):
+        super().update_state(y_true[0], y_pred, sample_weight)
+"""
+
+
+def test_compute_loss_with_float16_outputs_and_two_outputs(tmp_path):
+  """A task's own forward pass under mixed_float16 on 2 replicas: a model
+  with two outputs (a list), float16 per-example losses (cast by the
+  trainer), tuple labels."""
+  path = _write(tmp_path, "two_outputs.py", TWO_OUTPUTS)
+  config = _config(f"{path}:Task")
+  config.precision.policy = "mixed_float16"
+  config.distribution.strategy = "mirrored"
+  config.distribution.num_cpu_devices = 2
+  result = run(config, str(tmp_path / "run"))
+  assert result.steps == 8 and np.isfinite(result.logs["eval/loss"])
+  assert result.logs["eval/num_examples"] == 64
+  assert 0.0 <= result.logs["eval/accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (("return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])",
+      "return keras.Sequential([keras.layers.Reshape((2, 3))])"),
+     ConfigError, "the model from build_model() does not take x from "
+     "train_data() (2 examples)"),
+    (("return self.x, self.y\n\n  def eval",
+      "import tensorflow as tf\n    return tf.data.Dataset.from_tensor_slices("
+      "(self.x, self.y)).take(0)\n\n  def eval"),
+     DataError, "train_data() returned a Dataset with no examples"),
+])
+def test_more_broken_tasks(change, error, message, tmp_path):
+  """A subclass-style model (no variables yet) that does not take x, and
+  an empty dataset, were tracebacks."""
+  old, new = change
+  text = textwrap.dedent(TASK_FILE)
+  assert old in text
+  path = _write(tmp_path, "broken.py", text.replace(old, new))
+  with pytest.raises(error) as raised:
+    run(_config(f"{path}:Task"), str(tmp_path / "run"))
+  assert message in str(raised.value)
+  assert not (tmp_path / "run").exists()
+
+
+def test_run_with_a_task_object_records_a_task_that_loads_again(tmp_path):
+  """config.json's `task` for a task object from a file is the file's
+  path, so the launcher and the exporter can load it in another process."""
+  path = _write(tmp_path, "object_task.py", TASK_FILE)
+  from trainer.task import load_task  # pylint: disable=import-outside-toplevel
+  task = load_task(f"{path}:Task", None)
+  run(_config("unused:Unused"), str(tmp_path / "run"), task=task)
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["task"] == f"{path}:Task"
+  assert load_task(saved["task"], None).build_metrics()

@@ -53,24 +53,38 @@ def enable_keras_async_checkpoints() -> None:
 
 
 def model_state(model, checkpoint: str | None = None) -> dict:
-  """The model's part of a checkpoint: every variable by its path.
+  """The model's part of a checkpoint: every variable, by its position.
 
   Keras 3 models do not expose their variables to tf.train.Checkpoint (only
   the optimizer's copies of the trainable ones get saved), so the model's
-  state is listed by variable path: weights, non-trainable statistics
-  (batch norm) and the dropout seed generators' state.
+  state is listed: weights, non-trainable statistics (batch norm) and the
+  dropout seed generators' state, as `v0`, `v1`, ... in the order of
+  `model.variables`. Not by path: Keras names layers and unnamed weights
+  from counters that depend on what the process built before (`dense_1`,
+  `sequential_1`), and two variables may share a path.
 
-  Given the `checkpoint` to restore, paths that differ from the saved ones
-  only in the model's own name are renamed to them: a Sequential or
-  subclassed model's paths start with its name, and an unnamed model's name
-  depends on what the process built before (`sequential` in a fresh
-  process, `sequential_1` after another one), so the same model resumed or
-  exported in a process that built one already still restores.
+  Given the `checkpoint` to restore: raises ValueError if it holds another
+  number of model variables; one written before (keyed by variable path)
+  gets its paths, with the model's own name matched (`_by_path`).
   """
-  state = {v.path: v for v in model.variables}
+  state = {f"v{i}": v for i, v in enumerate(model.variables)}
   if checkpoint is None:
     return state
   saved = _saved_paths(checkpoint)
+  if saved and "v0" not in saved:
+    return _by_path(model, saved)
+  if saved and len(saved) != len(state):
+    raise ValueError(f"the checkpoint holds {len(saved)} model variables, "
+                     f"the model has {len(state)}")
+  return state
+
+
+def _by_path(model, saved: set[str]) -> dict:
+  """The model's variables keyed by path, as checkpoints were written
+  before; paths that differ from the `saved` ones only in the model's own
+  name (`sequential` in one process, `sequential_1` in another) are
+  renamed to them."""
+  state = {v.path: v for v in model.variables}
   own = f"{model.name}/"
   if set(state) <= saved or not all(p.startswith(own) for p in state):
     return state

@@ -11,7 +11,7 @@ trainer/predict.py; how long fit trains: trainer/fit_plan.py.
 
 import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
@@ -19,13 +19,14 @@ import tensorflow as tf
 from trainer import inputs, precision
 from trainer.agreement import WorkerAgreement
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
-from trainer.errors import TrainingDiverged
+from trainer.callbacks.best_model import resolve_mode
+from trainer.errors import ConfigError, TrainingDiverged
 from trainer.evaluation import Evaluator
 from trainer.fit_plan import FitPlan
 from trainer.predict import Predictor
 from trainer.pruning import Pruner, PruningSchedule
-from trainer.step import (ComputeLoss, TrainStep, make_compute_loss,
-                          resolve_loss)
+from trainer.step import (ComputeLoss, TrainStep, float32_losses,
+                          make_compute_loss, resolve_loss)
 from trainer.strategy import is_chief, num_workers
 
 
@@ -47,7 +48,9 @@ class Trainer:
     compute_loss: instead of `loss`, the whole per-replica forward pass:
       `(model, batch, training) -> (per_example_loss [batch], y_pred)`.
     metrics: Keras metrics, updated with (y_true, y_pred); cloned inside the
-      scope for training and for evaluation.
+      scope for training and for evaluation (from their config). Or a
+      function returning fresh instances, called once for each (a metric
+      whose constructor arguments its config does not hold).
     strategy: defaults to the current `tf.distribute.get_strategy()`.
     steps_per_loop: train steps per `tf.function` call.
     global_clipnorm: clip the all-reduced gradient to this norm (0 = off).
@@ -66,7 +69,7 @@ class Trainer:
 
   def __init__(self, *, model: keras.Model, optimizer, loss=None,
                compute_loss: ComputeLoss | None = None,
-               metrics: Sequence[keras.metrics.Metric] = (),
+               metrics: Sequence[keras.metrics.Metric] | Callable = (),
                strategy: tf.distribute.Strategy | None = None,
                steps_per_loop: int = 1, global_clipnorm: float = 0.0,
                jit_compile: bool = False, grad_accum_steps: int = 1,
@@ -81,7 +84,8 @@ class Trainer:
     self.steps_per_loop = int(steps_per_loop)
     self.min_loss_scale = float(min_loss_scale)
     self.seed = int(seed)
-    self._compute_loss = compute_loss or make_compute_loss(resolve_loss(loss))
+    self._compute_loss = (float32_losses(compute_loss) if compute_loss else
+                          make_compute_loss(resolve_loss(loss)))
     policy = keras.mixed_precision.dtype_policy().name
     with self.strategy.scope():
       if getattr(optimizer, "_distribution_strategy", None) is not (
@@ -89,8 +93,10 @@ class Trainer:
         optimizer = optimizer.__class__.from_config(optimizer.get_config())
       self.optimizer = precision.wrap_optimizer(optimizer, policy)
       self.optimizer.build(model.trainable_variables)  # DESIGN.md fact 1
-      self.train_metrics = [_clone_metric(m) for m in metrics]
-      eval_metrics = [_clone_metric(m) for m in metrics]
+      make = metrics if callable(metrics) else lambda: [
+          _clone_metric(m) for m in metrics]
+      self.train_metrics = list(make())
+      eval_metrics = list(make())
       self.pruner = Pruner(model, pruning) if pruning else None
     self.step = TrainStep(model=model, optimizer=self.optimizer,
                           compute_loss=self._compute_loss,
@@ -223,6 +229,20 @@ class Trainer:
     callback_list.on_test_end(eval_logs)
     return eval_logs
 
+  def _set_monitor_mode(self, callback) -> None:
+    """Keras' monitor callbacks (EarlyStopping, ReduceLROnPlateau,
+    ModelCheckpoint) with mode `auto` look for the metric among a compiled
+    model's metrics, which this model never has: tell them the direction
+    from the trainer's metrics (left to Keras' error if unknown)."""
+    if getattr(callback, "mode", None) != "auto" or not isinstance(
+        getattr(callback, "monitor", None), str):
+      return
+    try:
+      callback.mode = resolve_mode("auto", callback.monitor,
+                                   self.train_metrics)
+    except ConfigError:
+      pass
+
   def _check_diverged(self, step: int, logs: dict) -> None:
     """Raises TrainingDiverged if the run can no longer make progress."""
     if self.step.loss_scale is None:
@@ -289,13 +309,12 @@ class Trainer:
     this trainer's `distribute(...)`, which the next `fit` continues as one
     long `fit` would.
 
-    How long: `epochs` (up to that epoch index; from `initial_epoch`, or
-    the epoch the restored global step is in) of `steps_per_epoch` steps
-    (default: one pass over a finite dataset, which is iterated afresh each
-    epoch; its partial last batch is averaged over its real size); or
-    `steps` (until `global_step == steps`, in epochs of `steps_per_epoch`,
-    default all of them; a finite dataset that runs out ends the run).
-    Neither: one epoch.
+    How long: `epochs` (Keras' meaning: epochs `initial_epoch` .. `epochs`-1
+    from this call on) of `steps_per_epoch` steps, by default one pass over
+    a finite dataset, iterated afresh each epoch (its partial last batch is
+    averaged over its real size); or `steps` (until `global_step == steps`,
+    in epochs of `steps_per_epoch` counted from step 0, so a restored run
+    continues; data that runs out ends the run). Neither: one epoch.
 
     Validation: `validation_data` ((x, y[, w]) arrays, a dataset or a
     dataset function) or `validation_split` (the last fraction of the
@@ -334,12 +353,14 @@ class Trainer:
     validation = inputs.validation_input(validation_data, batch_size,
                                          replicas)
     plan = FitPlan.make(train, epochs=epochs, steps=steps,
-                        steps_per_epoch=steps_per_epoch)
-    return self._fit(train, plan, validation, initial_epoch=initial_epoch,
-                     eval_every=eval_every, callbacks=callbacks)
+                        steps_per_epoch=steps_per_epoch,
+                        initial_epoch=initial_epoch,
+                        step=int(self.global_step.numpy()))
+    return self._fit(train, plan, validation, eval_every=eval_every,
+                     callbacks=callbacks)
 
-  def _fit(self, train, plan: FitPlan, validation, *, initial_epoch: int,
-           eval_every: int, callbacks) -> keras.callbacks.History:
+  def _fit(self, train, plan: FitPlan, validation, *, eval_every: int,
+           callbacks) -> keras.callbacks.History:
     """The epoch and host loops of `fit` (see there)."""
     history = keras.callbacks.History()
     callbacks = [cb for cb in callbacks
@@ -347,26 +368,24 @@ class Trainer:
     for cb in callbacks:
       if isinstance(cb, TrainerCallback):
         cb.set_trainer(self)
+      self._set_monitor_mode(cb)
     self.model.optimizer = self.optimizer  # ReduceLROnPlateau and friends
     callback_list = keras.callbacks.CallbackList(
         callbacks, model=self.model, verbose=0, steps=plan.steps_per_epoch,
         epochs=plan.epochs, total_steps=plan.total_steps)
-    iterator = None
+    distributed, iterator, exhausted = self.distribute(train), None, False
     logs: dict = {}
     eval_logs: dict = {}
     self.model.stop_training = False
     callback_list.on_train_begin()
     step = int(self.global_step.numpy())
-    epoch = max(initial_epoch, plan.epoch_of(step))
+    epoch = plan.first_epoch
     ended = False
     while (epoch < plan.epochs and not plan.done(step) and
            not (ended or self.model.stop_training or self.preempted)):
       epoch_start = plan.epoch_start(epoch, step)
-      if iterator is None or plan.fresh_pass_each_epoch:
-        data = train
-        if plan.fresh_pass_each_epoch and step > epoch_start:
-          data = train.skip(step - epoch_start)  # resumed inside the epoch
-        iterator = iter(self.distribute(data))
+      if iterator is None or plan.new_pass_each_epoch or exhausted:
+        iterator = iter(distributed)
       epoch_end = plan.epoch_end(epoch_start)
       callback_list.on_epoch_begin(epoch)
       self._agree_on_decisions()
@@ -395,7 +414,7 @@ class Trainer:
         self._agree_on_decisions()
         if exhausted or self.model.stop_training or self.preempted:
           break
-      ended = exhausted and not plan.fresh_pass_each_epoch
+      ended = exhausted and plan.run_ends_with_data
       if self.preempted or examples == 0:
         break  # mid-epoch preemption (the resumed run finishes the epoch),
         # or finite data that ran out exactly at the epoch boundary

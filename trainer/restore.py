@@ -76,12 +76,12 @@ def restore(workdir: str) -> Restored:
     if not isinstance(model, keras.Model):
       raise ConfigError(f"build_model() returned {type(model).__name__}, "
                         "not a keras.Model")
-    if not model.variables:  # a subclassed model makes them when called
-      evals = task_lib.examples(task.eval_data(), "eval_data")
-      model(next(iter(evals.dataset.batch(2)))[0], training=False)
-  reader = tf.train.Checkpoint(
-      model=checkpoint_lib.model_state(model, checkpoint))
+    # a subclassed model makes its variables when called
+    task_lib.build_variables(model, task_lib.examples(task.eval_data(),
+                                                      "eval_data"))
   try:  # only the model: not the optimizer, step or input offset
+    reader = tf.train.Checkpoint(
+        model=checkpoint_lib.model_state(model, checkpoint))
     status = reader.restore(checkpoint).expect_partial()
     status.assert_existing_objects_matched()
   except (AssertionError, ValueError, tf.errors.OpError) as e:

@@ -106,7 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   config = config.copy_and_resolve_references()  # run() fills in defaults
   if task is not None:
     task_lib.check_methods(task, f"{type(task).__name__} object")
-    config.task = f"{type(task).__module__}:{type(task).__qualname__}"
+    config.task = task_lib.spec_of(task)
   if testing:
     config = testing_config(config)
   strategy = strategy_lib.build_strategy(
@@ -152,12 +152,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
     optimizer = (task.build_optimizer() if hasattr(task, "build_optimizer")
                  else optimizers.build_optimizer(config.optimizer,
                                                  config.train.steps))
-    metrics = task.build_metrics()
   task_lib.check_task(task, model, train, compute_loss=compute_loss)
   trainer = Trainer(
       model=model, optimizer=optimizer,
       loss=None if compute_loss else task.build_losses,
-      compute_loss=compute_loss, metrics=metrics,
+      compute_loss=compute_loss, metrics=task.build_metrics,  # fresh ones
       strategy=strategy, steps_per_loop=config.train.steps_per_loop,
       global_clipnorm=config.optimizer.global_clipnorm,
       jit_compile=config.train.jit_compile,
@@ -171,7 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
                              else ()),
                *callbacks_lib.build_callbacks(config, workdir,
                                               testing=testing,
-                                              metrics=metrics)]
+                                              metrics=trainer.train_metrics)]
   chief = trainer.is_chief
   if not chief:
     logging.set_verbosity(logging.WARNING)  # the chief reports progress

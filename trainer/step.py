@@ -48,6 +48,17 @@ def resolve_loss(loss) -> Callable:
   return loss
 
 
+def float32_losses(compute_loss: ComputeLoss) -> ComputeLoss:
+  """A user's `compute_loss` whose per-example losses are float32 (a model
+  ending in a float16 layer under mixed_float16 gives float16 ones)."""
+
+  def wrapped(model, batch, training):
+    per_example, y_pred = compute_loss(model, batch, training)
+    return tf.cast(per_example, tf.float32), y_pred
+
+  return wrapped
+
+
 def make_compute_loss(loss_fn: Callable) -> ComputeLoss:
   """Wraps a per-example `loss_fn(y_true, y_pred) -> [batch]` as ComputeLoss."""
 

@@ -96,6 +96,16 @@ def load_task(spec: str, config):
   return task
 
 
+def spec_of(task) -> str:
+  """The `task` config value that loads `task`'s class again in another
+  process: `module:Name`, or `path/file.py:Name` for a task file."""
+  module = sys.modules.get(type(task).__module__)
+  where = type(task).__module__
+  if where.startswith("trainer_task_") and getattr(module, "__file__", None):
+    where = module.__file__
+  return f"{where}:{type(task).__qualname__}"
+
+
 def check_methods(task, what: str) -> None:
   """Raises ConfigError naming the required methods `task` lacks."""
   missing = [m for m in REQUIRED if not callable(getattr(task, m, None))]
@@ -135,6 +145,8 @@ def examples(value, method: str) -> Examples:
       raise DataError(f"{what} a Dataset of {spec}; its elements must be "
                       "(x, y) or (x, y, sample_weight), unbatched")
     cardinality = int(value.cardinality())
+    if cardinality == 0:
+      raise DataError(f"{what} a Dataset with no examples")
     return Examples(value, None, cardinality if cardinality >= 0 else None)
   if not isinstance(value, (tuple, list)) or len(value) not in (2, 3):
     raise DataError(f"{what} {type(value).__name__}; return numpy arrays "
@@ -165,14 +177,27 @@ def examples(value, method: str) -> Examples:
   return Examples(tf.data.Dataset.from_tensor_slices(arrays), arrays, size)
 
 
+def first_batch(train: Examples):
+  """The first 2 examples as a batch (DataError if there are none)."""
+  try:
+    return next(iter(train.dataset.batch(2)))
+  except StopIteration:
+    raise DataError("train_data() returned a Dataset with no examples"
+                    ) from None
+
+
 def build_variables(model, train: Examples) -> None:
   """Calls a model that has no variables yet (a subclassed model makes them
   when first called) on 2 training examples; call inside strategy.scope()
   so its variables are the strategy's."""
   if isinstance(model, keras.Model) and not model.variables:
-    x, _, _ = keras.utils.unpack_x_y_sample_weight(
-        next(iter(train.dataset.batch(2))))
-    model(x, training=False)
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(first_batch(train))
+    try:
+      model(x, training=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(
+          "the model from build_model() does not take x from train_data() "
+          f"(2 examples): {_first_line(e)}") from None
 
 
 def check_task(task, model: keras.Model, train: Examples, *,
@@ -189,10 +214,9 @@ def check_task(task, model: keras.Model, train: Examples, *,
   if not isinstance(model, keras.Model):
     raise ConfigError(f"build_model() returned {type(model).__name__}, not a "
                       "keras.Model")
-  batch = next(iter(train.dataset.batch(2)))
+  batch = first_batch(train)
   x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
-  shape = lambda t: tuple(tf.nest.map_structure(
-      lambda a: tuple(a.shape), t)) if isinstance(t, dict) else tuple(t.shape)
+  shape = lambda t: tf.nest.map_structure(lambda a: tuple(a.shape), t)
   if compute_loss is not None:
     step = "compute_loss(model, batch, training=False)"
     try:
@@ -214,11 +238,12 @@ def check_task(task, model: keras.Model, train: Examples, *,
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(f"{step} failed: {_first_line(e)}; do the model's "
                         "outputs fit the labels?") from None
+  rows = len(tf.nest.flatten(y)[0])
   got = tuple(getattr(per_example, "shape", ()))
-  if got != (2,):
-    raise ConfigError(f"{step} returned shape {got} for 2 examples; it must "
-                      "return one loss per example, shape [batch] (for a "
-                      "Keras loss use reduction='none')")
+  if got != (rows,):
+    raise ConfigError(f"{step} returned shape {got} for {rows} examples; it "
+                      "must return one loss per example, shape [batch] (for "
+                      "a Keras loss use reduction='none')")
   for metric in task.build_metrics():
     try:
       metric.update_state(y, tf.nest.map_structure(
