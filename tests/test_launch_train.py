@@ -120,6 +120,8 @@ BAD_INPUT = [
      "unknown callbacks.early_stopping.mode"),
     (["--config.data.global_batch_size=1600"],
      "larger than the 1497 training examples"),
+    (["--config.task=configs.regression:Nope"],
+     "task 'configs.regression:Nope': configs.regression has no 'Nope'"),
     (["--config.model.name=cnn", "--config.train.deterministic=True",
       "--config.train.jit_compile=True"],
      "do not yet have a deterministic XLA implementation"),
@@ -227,16 +229,21 @@ def test_testing_mode_refuses_a_workdir_that_holds_a_run(tmp_path):
 def test_bad_input_on_a_run_leaves_it_as_it_was(tmp_path):
   """A rejected command wrote config.json, so the good one that followed
   was refused ('holds a run with a different config')."""
-  flags = ["--config=configs/digits.py", f"--workdir={tmp_path}",
-           "--config.callbacks.progress_bar=False"]
-  assert run_module("launch.train", *flags,
-                    "--config.train.steps=20").returncode == 0
-  before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-  bad = run_module("launch.train", *flags, "--config.train.steps=40",
-                   "--config.data.global_batch_size=1600")
-  assert bad.returncode == 2, bad.stderr[-2000:]
-  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()
-          if p.is_file()} == before
-  good = run_module("launch.train", *flags, "--config.train.steps=40")
-  assert good.returncode == 0, good.stderr[-2000:]
-  assert good.stdout.startswith("done: 40 steps")
+  from configs import digits  # pylint: disable=import-outside-toplevel
+  from trainer.errors import DataError  # pylint: disable=import-outside-toplevel
+  from trainer.run import run  # pylint: disable=import-outside-toplevel
+
+  def config(steps, batch=64):
+    c = digits.get_config()
+    c.callbacks.progress_bar = False
+    c.train.steps, c.data.global_batch_size = steps, batch
+    return c
+
+  run(config(20), str(tmp_path))
+  files = lambda: {p.name: p.read_bytes() for p in tmp_path.iterdir()
+                   if p.is_file()}
+  before = files()
+  with pytest.raises(DataError, match="larger than the 1497 training"):
+    run(config(40, batch=1600), str(tmp_path))
+  assert files() == before
+  assert run(config(40), str(tmp_path)).steps == 40

@@ -201,39 +201,6 @@ def test_a_task_that_cannot_be_found_is_a_config_error(spec, message,
   assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
-def test_a_task_file_outside_the_repository_runs_from_its_own_config(
-    tmp_path):
-  """A user's folder with a task file and a config next to it, run from
-  the launcher by path; a broken task there is one line and exit 2."""
-  task = _write(tmp_path, "my_task.py", TASK_FILE)
-  config = _write(tmp_path, "my_config.py", f"""
-      from trainer.config import default_config
-
-
-      def get_config():
-        c = default_config()
-        c.task = {task + ':Task'!r}
-        c.data.global_batch_size = 16
-        c.train.steps = 20
-        c.train.steps_per_loop = 5
-        return c
-  """)
-  proc = run_module("launch.train", f"--config={config}",
-                    f"--workdir={tmp_path / 'run'}",
-                    "--config.callbacks.progress_bar=False")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.splitlines()[-1].startswith(
-      "done: 20 steps in ") and "eval accuracy" in proc.stdout
-  bad = run_module("launch.train", f"--config={config}",
-                   f"--workdir={tmp_path / 'bad'}",
-                   "--config.task=" + task + ":Nope")
-  assert bad.returncode == 2
-  last = bad.stderr.strip().splitlines()[-1]
-  assert last == f"error: task '{task}:Nope': {task[:-3]}.py has no 'Nope'"
-  assert not (tmp_path / "bad").exists()
-
-
 def test_a_subclassed_model_trains_and_resumes_in_the_same_process(
     tmp_path, mirrored, caplog):
   """A model that makes its variables when first called (it failed: 'must

@@ -61,11 +61,14 @@ def model_state(model, checkpoint: str | None = None) -> dict:
   dropout seed generators' state, as `v0`, `v1`, ... in the order of
   `model.variables`. Not by path: Keras names layers and unnamed weights
   from counters that depend on what the process built before (`dense_1`,
-  `sequential_1`), and two variables may share a path.
+  `sequential_1`), and two variables may share a path. Checkpoints also
+  hold the same variables by path (`model_paths`, stored once), for a
+  deliberately changed model (`Checkpointer(allow_partial=True)`).
 
-  Given the `checkpoint` to restore: raises ValueError if it holds another
-  number of model variables; one written before (keyed by variable path)
-  gets its paths, with the model's own name matched (`_by_path`).
+  Given the `checkpoint` to restore: one written before (keyed by path)
+  gets the variables by path, with the model's own name matched
+  (`_by_path`); else raises ValueError if it holds another number of model
+  variables.
   """
   state = {f"v{i}": v for i, v in enumerate(model.variables)}
   if checkpoint is None:
@@ -79,12 +82,17 @@ def model_state(model, checkpoint: str | None = None) -> dict:
   return state
 
 
+def model_paths(model) -> dict:
+  """The model's variables by path (what `model_state` falls back to)."""
+  return {v.path: v for v in model.variables}
+
+
 def _by_path(model, saved: set[str]) -> dict:
   """The model's variables keyed by path, as checkpoints were written
   before; paths that differ from the `saved` ones only in the model's own
   name (`sequential` in one process, `sequential_1` in another) are
   renamed to them."""
-  state = {v.path: v for v in model.variables}
+  state = model_paths(model)
   own = f"{model.name}/"
   if set(state) <= saved or not all(p.startswith(own) for p in state):
     return state
@@ -97,8 +105,8 @@ def _by_path(model, saved: set[str]) -> dict:
 
 
 def _saved_paths(checkpoint: str) -> set[str]:
-  """The variable paths of the model in `checkpoint` (model_state keys,
-  unescaped: '.S' is '/', '..' is '.')."""
+  """The keys of the model's variables in `checkpoint` (unescaped: '.S' is
+  '/', '..' is '.')."""
   prefix, suffix = "model/", "/.ATTRIBUTES/VARIABLE_VALUE"
   unescape = lambda key: re.sub(r"\.(.)", lambda m: "/" if m.group(1) == "S"
                                 else m.group(1), key)
@@ -168,6 +176,7 @@ class Checkpointer:
     # another policy (the variables are float32 in all of them).
     self._model = model
     self._state = {"model": model_state(model),
+                   "model_paths": model_paths(model),
                    "optimizer": getattr(optimizer, "inner_optimizer",
                                         optimizer),
                    "global_step": global_step,
@@ -202,7 +211,8 @@ class Checkpointer:
     paths = self.checkpoints()
     for path in reversed(paths):
       try:
-        status = self._reader_for(path).restore(path)
+        # The checkpoint's `model_paths` are the same variables again.
+        status = self._reader_for(path).restore(path).expect_partial()
       except ValueError as e:  # shapes differ from the model
         raise ConfigError(
             f"checkpoint {path} does not fit this model ({e}); use a new "
@@ -245,10 +255,15 @@ class Checkpointer:
     except (tf.errors.OpError, ValueError):
       return self.checkpoint  # let restore report it
     state = dict(self._state)
-    renamed = model_state(self._model, path)
-    changed = set(renamed) != set(state["model"])
-    if changed:
-      state["model"] = renamed
+    del state["model_paths"]  # restored through `model`, by position
+    try:
+      state["model"] = model_state(self._model, path)
+    except ValueError:
+      if not self.allow_partial:
+        raise
+      # A deliberately changed model: what still fits, by path.
+      del state["model"]
+      state["model_paths"] = self._state["model_paths"]
     earlier = any(k.startswith("optimizer/inner_optimizer/") for k in keys)
     if self._loss_scaled is None and earlier:
       state["optimizer"] = tf.train.Checkpoint(
@@ -261,9 +276,6 @@ class Checkpointer:
       logging.info("checkpoint %s has no loss scale (written under another "
                    "precision.policy): starting from the initial scale", path)
       del state["loss_scale"]
-    if not changed and state.keys() == self._state.keys() and (
-        state["optimizer"] is self._state["optimizer"]):
-      return self.checkpoint
     return tf.train.Checkpoint(**state)
 
   @property
