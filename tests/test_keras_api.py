@@ -97,7 +97,7 @@ def test_seed_loop_as_fit_epochs_on_2_replicas_equals_the_seed(
   assert len(history.history["loss"]) == EPOCHS
   assert [e for e, _, _ in callback.seen] == list(range(EPOCHS))
   assert int(trainer.global_step.numpy()) == EPOCHS * 4
-  tol = ({"rtol": 1e-4, "atol": 1e-5} if policy == "float32" else
+  tol = ({"rtol": 1e-5, "atol": 1e-5} if policy == "float32" else
          {"rtol": 0.05, "atol": 0.02})
   np.testing.assert_allclose(history.history["loss"], want_losses, **tol)
   for got, want in zip(trainer.model.get_weights(), want_weights):
