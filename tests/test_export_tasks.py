@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, run_module
-from trainer import checkpoint as checkpoint_lib
+from trainer import model_state as model_state_lib
 from trainer import export_formats
 from trainer import restore as restore_lib
 from trainer import signature as signature_lib
@@ -435,13 +435,13 @@ def test_restore_finds_a_sequential_model_saved_under_another_name(
 
   trained = build("sequential")
   trained.get_layer("head").bias.assign([1.0, 2.0])
-  new = tf.train.Checkpoint(model=checkpoint_lib.model_state(
+  new = tf.train.Checkpoint(model=model_state_lib.model_state(
       trained)).save(str(tmp_path / "new"))
   old = tf.train.Checkpoint(model={v.path: v for v in trained.variables}
                             ).save(str(tmp_path / "old"))
   for path in (new, old):
     again = build("sequential_7")
-    state = checkpoint_lib.model_state(again, path)
+    state = model_state_lib.model_state(again, path)
     assert sorted(state) == (["v0", "v1"] if path == new else
                              ["sequential/head/bias",
                               "sequential/head/kernel"])
@@ -492,7 +492,7 @@ def test_a_subclassed_model_is_built_before_its_checkpoint_is_restored(
   run = tmp_path / "run"
   (run / "checkpoints").mkdir(parents=True)
   (run / "config.json").write_text(json.dumps(config.to_dict()))
-  tf.train.Checkpoint(model=checkpoint_lib.model_state(trained)).save(
+  tf.train.Checkpoint(model=model_state_lib.model_state(trained)).save(
       str(run / "checkpoints" / "ckpt"))
   restored = restore_lib.restore(str(run))
   np.testing.assert_array_equal(restored.model(x), trained(x))

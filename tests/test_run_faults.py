@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from conftest import run_module
 from trainer import checkpoint as checkpoint_lib
+from trainer import model_state as model_state_lib
 from trainer.callbacks import read_metrics
 from trainer.run import run
 from test_resume import PoisonWeights, _config, _input_offset
@@ -111,7 +112,7 @@ def test_a_mixed_float16_checkpoint_of_the_earlier_layout_resumes(tmp_path,
     assert new.restore_latest() == 20
     optimizer.dynamic_scale.assign(1024.0)
     old = tf.train.Checkpoint(
-        model=checkpoint_lib.model_state(model), optimizer=optimizer,
+        model=model_state_lib.model_state(model), optimizer=optimizer,
         global_step=step, input_offset=tf.Variable(0, dtype=tf.int64))
     tf.train.CheckpointManager(old, str(tmp_path / "old" / "checkpoints"),
                                3, step_counter=step).save(20)

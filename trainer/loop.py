@@ -19,8 +19,8 @@ import tensorflow as tf
 from trainer import inputs, precision
 from trainer.agreement import WorkerAgreement
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
-from trainer.callbacks.best_model import resolve_mode
-from trainer.errors import ConfigError, TrainingDiverged
+from trainer.callbacks.best_model import set_monitor_mode
+from trainer.errors import TrainingDiverged
 from trainer.evaluation import Evaluator
 from trainer.fit_plan import FitPlan
 from trainer.predict import Predictor
@@ -229,20 +229,6 @@ class Trainer:
     callback_list.on_test_end(eval_logs)
     return eval_logs
 
-  def _set_monitor_mode(self, callback) -> None:
-    """Keras' monitor callbacks (EarlyStopping, ReduceLROnPlateau,
-    ModelCheckpoint) with mode `auto` look for the metric among a compiled
-    model's metrics, which this model never has: tell them the direction
-    from the trainer's metrics (left to Keras' error if unknown)."""
-    if getattr(callback, "mode", None) != "auto" or not isinstance(
-        getattr(callback, "monitor", None), str):
-      return
-    try:
-      callback.mode = resolve_mode("auto", callback.monitor,
-                                   self.train_metrics)
-    except ConfigError:
-      pass
-
   def _check_diverged(self, step: int, logs: dict) -> None:
     """Raises TrainingDiverged if the run can no longer make progress."""
     if self.step.loss_scale is None:
@@ -368,7 +354,7 @@ class Trainer:
     for cb in callbacks:
       if isinstance(cb, TrainerCallback):
         cb.set_trainer(self)
-      self._set_monitor_mode(cb)
+      set_monitor_mode(cb, self.train_metrics)
     self.model.optimizer = self.optimizer  # ReduceLROnPlateau and friends
     callback_list = keras.callbacks.CallbackList(
         callbacks, model=self.model, verbose=0, steps=plan.steps_per_epoch,

@@ -17,7 +17,7 @@ import keras
 import ml_collections
 import tensorflow as tf
 
-from trainer import checkpoint as checkpoint_lib
+from trainer import model_state as model_state_lib
 from trainer import config as config_lib
 from trainer import task as task_lib
 from trainer.errors import ConfigError, DataError
@@ -81,7 +81,7 @@ def restore(workdir: str) -> Restored:
                                                       "eval_data"))
   try:  # only the model: not the optimizer, step or input offset
     reader = tf.train.Checkpoint(
-        model=checkpoint_lib.model_state(model, checkpoint))
+        model=model_state_lib.model_state(model, checkpoint))
     status = reader.restore(checkpoint).expect_partial()
     status.assert_existing_objects_matched()
   except (AssertionError, ValueError, tf.errors.OpError) as e:

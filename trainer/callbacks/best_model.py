@@ -43,6 +43,20 @@ def resolve_mode(mode: str, monitor: str, metrics=(),
                     f"set --config.{setting}=max or min")
 
 
+def set_monitor_mode(callback, metrics) -> None:
+  """Keras' monitor callbacks (EarlyStopping, ReduceLROnPlateau,
+  ModelCheckpoint) with mode `auto` look for the metric among a compiled
+  model's metrics, which the trainer's model never has: tell them the
+  direction from `metrics` (left to Keras' own error if unknown)."""
+  if getattr(callback, "mode", None) != "auto" or not isinstance(
+      getattr(callback, "monitor", None), str):
+    return
+  try:
+    callback.mode = resolve_mode("auto", callback.monitor, metrics)
+  except ConfigError:
+    pass
+
+
 class BestModelExport(TrainerCallback):
   """Saves the model at epoch ends where `monitor` is among the best `keep`.
 
