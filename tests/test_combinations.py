@@ -113,14 +113,13 @@ def _train(case, strategy, replicas, workdir):
     trainer.fit(_batches(x, y), steps=2)
     state = dict(model=trainer.model, optimizer=trainer.optimizer,
                  global_step=trainer.global_step)
-    extra = lambda t: ({"pruning_masks": dict(t.pruner.masks)}
-                       if t.pruner else None)
-    Checkpointer(workdir, **state, extra=extra(trainer)).save()
+    masks = lambda t: t.pruner and t.pruner.masks
+    Checkpointer(workdir, **state, pruning_masks=masks(trainer)).save()
     trainer = _build(case, strategy, replicas)
     assert Checkpointer(
         workdir, model=trainer.model, optimizer=trainer.optimizer,
         global_step=trainer.global_step,
-        extra=extra(trainer)).restore_latest() == 2
+        pruning_masks=masks(trainer)).restore_latest() == 2
     skip = 2 * GLOBAL_BATCH
     logs = trainer.fit(_batches(x[skip:], y[skip:]), steps=STEPS + 5).last_logs
   else:

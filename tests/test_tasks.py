@@ -25,6 +25,8 @@ EXAMPLES = {  # config -> (overrides, a train/ key its metrics log)
     "custom_dense": ([], "train/accuracy"),
     "regression": (["--config.train.steps=30"], "train/r2"),
     "sequence": (["--config.train.steps=30"], "train/accuracy"),
+    # two models, two optimizers, alternating updates (test_custom_step.py)
+    "gan": (["--config.train.steps=30"], "train/g_loss"),
 }
 
 

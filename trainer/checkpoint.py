@@ -18,6 +18,7 @@ import contextlib
 import glob
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -77,6 +78,12 @@ class CheckpointWriteError(RuntimeError):
     self.path, self.intact = path, intact
 
 
+def _loss_scale_state(optimizer) -> dict:
+  """A LossScaleOptimizer's own state (its inner optimizer is saved apart)."""
+  return {"dynamic_scale": optimizer.dynamic_scale,
+          "step_counter": optimizer.step_counter}
+
+
 class Checkpointer:
   """Saves and restores one run's state.
 
@@ -89,13 +96,21 @@ class Checkpointer:
     allow_partial: restore a checkpoint that lacks some of the model's
       variables (a deliberately changed model) instead of refusing.
     async_save: write checkpoints in a background thread.
-    extra: more named state to save, e.g. {"pruning_masks": {path: mask}}.
+    extra: more named state to save.
+    pruning_masks: the Pruner's masks ({kernel path: mask}), saved by
+      position like the model (`pruning_masks/m0`, ...); checkpoints that
+      keyed them by path still restore.
+    more_models, more_optimizers: a task's other models and optimizers
+      ({name: ...}; trainer/step_context.py), saved under `models/<name>`,
+      `optimizers/<name>` and `loss_scales/<name>`.
   """
 
   def __init__(self, directory: str, *, model, optimizer, global_step,
                is_chief: bool = True, max_to_keep: int = 3,
                allow_partial: bool = False, async_save: bool = False,
-               extra: dict | None = None):
+               extra: dict | None = None, pruning_masks: dict | None = None,
+               more_models: dict | None = None,
+               more_optimizers: dict | None = None):
     self.allow_partial = allow_partial
     self._last_saved_step, self._last_saved_path = None, None
     self._in_flight = None  # the async save being written, if any
@@ -120,10 +135,24 @@ class Checkpointer:
                    "input_offset": self.input_offset, **(extra or {})}
     self._loss_scaled = optimizer  # LossScaleOptimizer, or None
     if hasattr(optimizer, "inner_optimizer"):
-      self._state["loss_scale"] = {"dynamic_scale": optimizer.dynamic_scale,
-                                   "step_counter": optimizer.step_counter}
+      self._state["loss_scale"] = _loss_scale_state(optimizer)
     else:
       self._loss_scaled = None
+    self._masks_by_path = pruning_masks
+    if pruning_masks:
+      self._state["pruning_masks"] = {
+          f"m{i}": mask for i, mask in enumerate(pruning_masks.values())}
+    if more_models:
+      self._state["models"] = {n: model_state(m)
+                               for n, m in more_models.items()}
+    if more_optimizers:
+      self._state["optimizers"] = {
+          n: getattr(o, "inner_optimizer", o)
+          for n, o in more_optimizers.items()}
+      scales = {n: _loss_scale_state(o) for n, o in more_optimizers.items()
+                if hasattr(o, "inner_optimizer")}
+      if scales:
+        self._state["loss_scales"] = scales
     self.checkpoint = tf.train.Checkpoint(**self._state)
     self.manager = tf.train.CheckpointManager(  # saves: this worker's copy
         self.checkpoint, self._scratch or directory, max_to_keep=max_to_keep,
@@ -201,6 +230,10 @@ class Checkpointer:
       # A deliberately changed model: what still fits, by path.
       del state["model"]
       state["model_paths"] = self._state["model_paths"]
+    if self._masks_by_path and any(
+        k.startswith("pruning_masks/") and not re.match(r"pruning_masks/m\d+/",
+                                                        k) for k in keys):
+      state["pruning_masks"] = self._masks_by_path  # written before by path
     earlier = any(k.startswith("optimizer/inner_optimizer/") for k in keys)
     if self._loss_scaled is None and earlier:
       state["optimizer"] = tf.train.Checkpoint(

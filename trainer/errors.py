@@ -38,3 +38,13 @@ def first_line(error: Exception) -> str:
   """`Type: first non-blank line of the message`, for one-line reports."""
   lines = [l for l in str(error).strip().splitlines() if l.strip()]
   return f"{type(error).__name__}: {lines[0].strip() if lines else ''}"
+
+
+def untraced_message(error: Exception) -> str:
+  """The message an error was raised with inside a traced tf.function,
+  without the "in user code: File ..." frames AutoGraph puts before it."""
+  text = str(error)
+  marker = f"{type(error).__name__}: "
+  if not text.startswith("in user code:") or marker not in text:
+    return text
+  return " ".join(text.rsplit(marker, 1)[1].split())

@@ -141,8 +141,16 @@ class _Evaluation:
     self.dataset = evals.dataset.batch(int(run.config.data.eval_batch_size))
     self.reference, self.examples, self.signature = [], 0, None
     for batch in self.dataset.as_numpy_iterator():
-      outputs = tf.nest.map_structure(keras.ops.convert_to_numpy,
-                                      model(batch[0], training=False))
+      try:
+        outputs = model(batch[0], training=False)
+      except Exception as e:  # pylint: disable=broad-except
+        raise ConfigError(
+            f"export runs the task's main model ({model.name!r}, the first "
+            "that build_model() returns) on eval_data()'s x and compares "
+            f"each format with it, but the model does not take it "
+            f"({first_line(e)}); only a main model that takes eval_data()'s "
+            "x can be exported") from None
+      outputs = tf.nest.map_structure(keras.ops.convert_to_numpy, outputs)
       if self.signature is None:
         self.signature = signature_lib.of_model(model, batch[0], outputs)
       self.reference.append(tf.nest.flatten(outputs))

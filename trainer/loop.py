@@ -16,17 +16,20 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from trainer import inputs, precision
+from trainer import inputs
 from trainer.agreement import WorkerAgreement
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
 from trainer.callbacks.best_model import set_monitor_mode
-from trainer.errors import TrainingDiverged
+from trainer.errors import (ConfigError, TrainingDiverged, UserError,
+                            untraced_message)
 from trainer.evaluation import Evaluator
 from trainer.fit_plan import FitPlan
+from trainer.optimizers import prepare_optimizers
 from trainer.predict import Predictor
 from trainer.pruning import Pruner, PruningSchedule
 from trainer.step import (ComputeLoss, TrainStep, float32_losses,
                           make_compute_loss, resolve_loss)
+from trainer.step_context import CustomStep
 from trainer.strategy import is_chief, num_workers
 
 
@@ -38,15 +41,23 @@ class Trainer:
   """Trains a Keras model under a tf.distribute strategy.
 
   Args:
-    model: a Keras model created inside `strategy.scope()`.
+    model: a Keras model created inside `strategy.scope()`; or, for a
+      `train_step` of several models, {name: model}, the first the main one
+      (evaluated with `loss`, predicted, pruned; `trainer.model`).
     optimizer: a Keras optimizer. One created outside the scope is re-created
       inside it from its config; read the one in use from `trainer.optimizer`.
       Under the `mixed_float16` policy it is wrapped in LossScaleOptimizer.
+      Several models: {model name: optimizer}, one per model trained
+      (`trainer.optimizers`); a model without one is left as it is.
     loss: a per-example loss `(y_true, y_pred) -> [batch]`, a Keras loss with
       reduction='none', or a Keras loss class name such as
       "SparseCategoricalCrossentropy" (then from_logits is False).
     compute_loss: instead of `loss`, the whole per-replica forward pass:
-      `(model, batch, training) -> (per_example_loss [batch], y_pred)`.
+      `(model, batch, training) -> (per_example_loss [batch], y_pred)`;
+      `model` is what was passed here (a dict of several).
+    train_step: your own step, `(batch, step: StepContext) -> {name:
+      scalar}` (trainer/step_context.py), instead of the built-in one;
+      `loss` or `compute_loss` then only evaluates (neither: no `evaluate`).
     metrics: Keras metrics, updated with (y_true, y_pred); cloned inside the
       scope for training and for evaluation (from their config). Or a
       function returning fresh instances, called once for each (a metric
@@ -67,44 +78,62 @@ class Trainer:
     seed: shuffles numpy inputs to `fit` (a new order every epoch).
   """
 
-  def __init__(self, *, model: keras.Model, optimizer, loss=None,
+  def __init__(self, *, model: keras.Model | dict, optimizer, loss=None,
                compute_loss: ComputeLoss | None = None,
+               train_step: Callable | None = None,
                metrics: Sequence[keras.metrics.Metric] | Callable = (),
                strategy: tf.distribute.Strategy | None = None,
                steps_per_loop: int = 1, global_clipnorm: float = 0.0,
                jit_compile: bool = False, grad_accum_steps: int = 1,
                pruning: PruningSchedule | None = None,
                min_loss_scale: float = 1.0, seed: int = 0):
-    if (loss is None) == (compute_loss is None):
-      raise ValueError("pass exactly one of `loss` and `compute_loss`")
+    if loss is not None and compute_loss is not None:
+      raise ValueError("pass `loss` or `compute_loss`, not both")
+    if train_step is None and loss is None and compute_loss is None:
+      raise ValueError("pass `loss` or `compute_loss` (or your own "
+                       "`train_step`)")
     if steps_per_loop < 1:
       raise ValueError(f"steps_per_loop must be >= 1, got {steps_per_loop}")
     self.strategy = strategy or tf.distribute.get_strategy()
-    self.model = model
+    self.models = dict(model) if isinstance(model, dict) else {"model": model}
+    if len(self.models) > 1 and train_step is None:
+      raise ValueError("several models need your own `train_step`: the "
+                       "built-in step trains one model")
+    self.model = next(iter(self.models.values()))
     self.steps_per_loop = int(steps_per_loop)
     self.min_loss_scale = float(min_loss_scale)
     self.seed = int(seed)
     self._compute_loss = (float32_losses(compute_loss) if compute_loss else
-                          make_compute_loss(resolve_loss(loss)))
-    policy = keras.mixed_precision.dtype_policy().name
+                          loss and make_compute_loss(resolve_loss(loss)))
+    self.optimizers, aliases = prepare_optimizers(optimizer, self.models,
+                                                  self.strategy)
+    self.optimizer = next(iter(self.optimizers.values()))
     with self.strategy.scope():
-      if getattr(optimizer, "_distribution_strategy", None) is not (
-          self.strategy):
-        optimizer = optimizer.__class__.from_config(optimizer.get_config())
-      self.optimizer = precision.wrap_optimizer(optimizer, policy)
-      self.optimizer.build(model.trainable_variables)  # DESIGN.md fact 1
       make = metrics if callable(metrics) else lambda: [
           _clone_metric(m) for m in metrics]
       self.train_metrics = list(make())
       eval_metrics = list(make())
-      self.pruner = Pruner(model, pruning) if pruning else None
-    self.step = TrainStep(model=model, optimizer=self.optimizer,
-                          compute_loss=self._compute_loss,
-                          strategy=self.strategy, metrics=self.train_metrics,
-                          global_clipnorm=global_clipnorm,
-                          jit_compile=jit_compile,
-                          accum_steps=grad_accum_steps,
-                          after_update=self.pruner and self.pruner.after_update)
+      self.pruner = Pruner(self.model, pruning) if pruning else None
+    after_update = self.pruner and self.pruner.after_update
+    if train_step is not None:
+      if grad_accum_steps > 1:
+        raise ConfigError("train.grad_accum_steps > 1 does not apply to a "
+                          "task's own train_step; set it to 1")
+      self.step = CustomStep(train_step=train_step, models=self.models,
+                             optimizers=self.optimizers, aliases=aliases,
+                             strategy=self.strategy,
+                             global_clipnorm=global_clipnorm,
+                             jit_compile=jit_compile, seed=seed,
+                             after_update=after_update)
+    else:
+      self.step = TrainStep(model=self.model, optimizer=self.optimizer,
+                            compute_loss=self._compute_loss,
+                            strategy=self.strategy,
+                            metrics=self.train_metrics,
+                            global_clipnorm=global_clipnorm,
+                            jit_compile=jit_compile,
+                            accum_steps=grad_accum_steps,
+                            after_update=after_update)
     self.is_chief = is_chief(self.strategy)
     self.num_workers = num_workers(self.strategy)
     self._train_loop = tf.function(self._train_loop_fn)
@@ -114,10 +143,14 @@ class Trainer:
     # A trainer.watchdog.Watchdog told of every host-loop boundary (set by
     # trainer.run for multi-worker jobs), or None.
     self.watchdog = None
-    self._evaluator = Evaluator(model=model, compute_loss=self._compute_loss,
-                                strategy=self.strategy, metrics=eval_metrics,
-                                distribute=self.distribute)
-    self._predictor = Predictor(model, self.strategy, self.distribute)
+    # The run's directory, for callbacks that write files (set by
+    # trainer.run), or None.
+    self.workdir = None
+    self._evaluator = self._compute_loss and Evaluator(
+        model=model if compute_loss else self.model,
+        compute_loss=self._compute_loss, strategy=self.strategy,
+        metrics=eval_metrics, distribute=self.distribute)
+    self._predictor = Predictor(self.model, self.strategy, self.distribute)
 
   @property
   def global_step(self) -> tf.Variable:
@@ -130,25 +163,23 @@ class Trainer:
     return inputs.distribute(self.strategy, data, self.num_workers)
 
   def _train_loop_fn(self, iterator, num_steps):
+    """Up to `num_steps` steps; adds up the step's `sum` outputs and keeps
+    its `last` ones from the last step (see TrainStep.__call__)."""
     with self.strategy.scope():
       steps = tf.constant(0, tf.int64)
-      loss_sum = tf.constant(0.0)
-      count = tf.constant(0.0)
-      grad_norm = tf.constant(0.0)
-      skipped = tf.constant(0.0)
+      zeros = self.step.zero_outputs(iterator.element_spec)
+      sums, last = zeros["sum"], zeros["last"]
       for i in tf.range(num_steps):
         optional = iterator.get_next_as_optional()
         if not optional.has_value():
           break
-        last = tf.equal(i, num_steps - 1)  # the norm is logged for it only
-        out = self.step(optional.get_value(), want_norm=last)
+        is_last = tf.equal(i, num_steps - 1)  # norms are logged for it only
+        out = self.step(optional.get_value(), want_norm=is_last)
         steps += 1
-        loss_sum += out["loss_sum"]
-        count += out["count"]
-        grad_norm = tf.where(last, out["grad_norm"], grad_norm)
-        skipped += 1.0 - out["finite"]
-    return {"steps": steps, "loss_sum": loss_sum, "count": count,
-            "grad_norm": grad_norm, "skipped": skipped}
+        sums = {k: sums[k] + v for k, v in out["sum"].items()}
+        last = {k: tf.where(is_last, v, last[k])
+                for k, v in out["last"].items()}
+    return {"steps": steps, "sum": sums, "last": last}
 
   def train_steps(self, iterator, num_steps: int, *,
                   reset_metrics: bool = True) -> dict[str, float]:
@@ -168,29 +199,49 @@ class Trainer:
     first = int(self.global_step.numpy())
     self._beat(f"train steps {first}-{first + num_steps}")
     start = time.perf_counter()
-    out = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
-    out = {k: v.numpy() for k, v in out.items()}
+    try:
+      out = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
+    except UserError as e:  # a misused StepContext, found while tracing
+      raise type(e)(untraced_message(e)) from None
+    out = tf.nest.map_structure(lambda t: t.numpy(), out)
     elapsed = time.perf_counter() - start
     self._beat(f"the callbacks after step {first + int(out['steps'])} "
                "(logging, checkpoint)")
     if self.watchdog is not None:
       self.watchdog.arm()  # the first loop (tracing, compiles) is done
-    steps = int(out["steps"])
-    logs = {"loss": float(out["loss_sum"] / max(out["count"], 1.0)),
-            "steps": steps, "examples": int(out["count"]),
-            "loss_sum": float(out["loss_sum"]),
-            "examples_per_sec": float(out["count"] / elapsed),
+    return self._loop_logs(out, elapsed)
+
+  def _loop_logs(self, out: dict, elapsed: float) -> dict[str, float]:
+    """The logs of one host loop from what `_train_loop` returned."""
+    sums, steps = out["sum"], int(out["steps"])
+    count = float(sums["count"])
+    logs = {"loss": float(sums["loss_sum"] / max(count, 1.0)),
+            "steps": steps, "examples": int(count),
+            "loss_sum": float(sums["loss_sum"]),
+            "examples_per_sec": count / elapsed,
             "step_time": elapsed / max(steps, 1),
-            "grad_norm": float(out["grad_norm"]),
-            "skipped_steps": int(out["skipped"]),
+            "skipped_steps": int(sums["skipped"]),
             "learning_rate": self.learning_rate()}
-    for metric in self.train_metrics:
-      logs[metric.name] = float(metric.result())
-    if self.step.loss_scale is not None:
-      logs["loss_scale"] = float(self.step.loss_scale.numpy())
+    logs.update({k: float(v) for k, v in out["last"].items()})
+    for key, value in sums.items():  # a task's own step (step_context.py)
+      if key.startswith("skipped/") and len(self.optimizers) > 1:
+        logs[f"skipped_steps/{key[8:]}"] = int(value)
+      elif key.startswith("log/"):
+        logs[key[4:]] = float(value / max(count, 1.0))
+    if self.step.updates_metrics:
+      for metric in self.train_metrics:
+        logs[metric.name] = float(metric.result())
+    logs.update(self._loss_scale_logs())
     if self.pruner is not None:
       logs["sparsity"] = self.pruner.sparsity()
     return logs
+
+  def _loss_scale_logs(self) -> dict[str, float]:
+    """`loss_scale`, or `loss_scale/<optimizer>` for several optimizers."""
+    scales = self.step.loss_scales
+    if len(self.optimizers) == 1:
+      return {"loss_scale": float(v.numpy()) for v in scales.values()}
+    return {f"loss_scale/{n}": float(v.numpy()) for n, v in scales.items()}
 
   def learning_rate(self) -> float:
     """The learning rate the next step will use."""
@@ -205,6 +256,9 @@ class Trainer:
     default 32; or a batched dataset or dataset function). Exact over the
     whole set: the last partial batch counts once, an empty replica none.
     """
+    if self._evaluator is None:
+      raise ValueError("this trainer has no `loss` or `compute_loss` to "
+                       "evaluate with")
     data = inputs.as_input(x, y, sample_weight, batch_size=batch_size,
                            replicas=self.strategy.num_replicas_in_sync)
     self._beat("evaluation")
@@ -231,12 +285,15 @@ class Trainer:
 
   def _check_diverged(self, step: int, logs: dict) -> None:
     """Raises TrainingDiverged if the run can no longer make progress."""
-    if self.step.loss_scale is None:
+    scales = self._loss_scale_logs()
+    if not scales:
       if not math.isfinite(logs["loss"]):
         raise TrainingDiverged(step, logs["loss"])
-    elif logs["loss_scale"] < self.min_loss_scale:
+      return
+    name, scale = min(scales.items(), key=lambda item: item[1])
+    if scale < self.min_loss_scale:
       raise TrainingDiverged(step, logs["loss"], (
-          f"the loss scale fell to {logs['loss_scale']:g}, below "
+          f"the {name.replace('_', ' ')} fell to {scale:g}, below "
           f"precision.min_loss_scale={self.min_loss_scale:g}, by global step "
           f"{step} (loss {logs['loss']:g}): every step overflows in float16 "
           "and none is applied"))
@@ -376,6 +433,7 @@ class Trainer:
       callback_list.on_epoch_begin(epoch)
       self._agree_on_decisions()
       loss_sum, examples, first_step, exhausted = 0.0, 0, step, False
+      step_sums = {}  # the values a task's own train_step logs
       while epoch_end is None or step < epoch_end:
         todo = self.steps_per_loop if epoch_end is None else min(
             self.steps_per_loop, epoch_end - step)
@@ -391,6 +449,9 @@ class Trainer:
         self._check_diverged(step, out)  # before any callback
         loss_sum += out.pop("loss_sum")
         examples += out["examples"]
+        for key in self.step.log_names:
+          step_sums[key] = (step_sums.get(key, 0.0) +
+                            out[key] * out["examples"])
         logs = {**out, "loop_loss": out["loss"],
                 "loss": loss_sum / max(examples, 1)}
         callback_list.on_train_batch_end(step - epoch_start - 1, logs)
@@ -405,7 +466,9 @@ class Trainer:
         break  # mid-epoch preemption (the resumed run finishes the epoch),
         # or finite data that ran out exactly at the epoch boundary
       epoch_logs = {"loss": loss_sum / max(examples, 1),
-                    **{m.name: float(m.result()) for m in self.train_metrics},
+                    **({m.name: float(m.result()) for m in self.train_metrics}
+                       if self.step.updates_metrics else {}),
+                    **{k: v / examples for k, v in step_sums.items()},
                     "learning_rate": self.learning_rate()}
       if validation is not None:
         eval_logs = self._evaluate_with_callbacks(callback_list, validation)

@@ -17,6 +17,7 @@ import keras
 import ml_collections
 import tensorflow as tf
 
+from trainer import precision
 from trainer.errors import ConfigError
 
 
@@ -155,3 +156,39 @@ def build_optimizer(cfg: ml_collections.ConfigDict,
     return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
   raise ConfigError(f"unknown optimizer.name {cfg.name!r}; use one of: sgd, "
                     "momentum, adam, adamw")
+
+
+def prepare_optimizers(optimizer, models: dict[str, keras.Model],
+                       strategy: tf.distribute.Strategy) -> tuple[dict, dict]:
+  """Each model's optimizer, ready for the train step.
+
+  Args:
+    optimizer: one optimizer (for the first model) or {model name:
+      optimizer}; a model without one is not trained.
+    models: {name: model}, built under `strategy.scope()`.
+
+  Returns ({name: optimizer}, {id(object given): name}): the optimizers
+  re-created inside the scope if made outside it, wrapped in a
+  LossScaleOptimizer under mixed_float16 and built on their model's
+  trainable variables (DESIGN.md fact 1); and what names each given one.
+
+  Raises:
+    ConfigError: a name that is not a model's.
+  """
+  given = (dict(optimizer) if isinstance(optimizer, dict)
+           else {next(iter(models)): optimizer})
+  unknown = sorted(set(given) - set(models))
+  if unknown:
+    raise ConfigError(f"an optimizer for {unknown[0]!r}, which is not a "
+                      f"model; the models are {sorted(models)}")
+  policy = keras.mixed_precision.dtype_policy().name
+  prepared, aliases = {}, {}
+  with strategy.scope():
+    for name, opt in given.items():
+      aliases[id(opt)] = name
+      if getattr(opt, "_distribution_strategy", None) is not strategy:
+        opt = opt.__class__.from_config(opt.get_config())
+      opt = precision.wrap_optimizer(opt, policy)
+      opt.build(models[name].trainable_variables)
+      prepared[name] = opt
+  return prepared, aliases

@@ -20,7 +20,7 @@ import tensorflow as tf
 from trainer import model_state as model_state_lib
 from trainer import config as config_lib
 from trainer import task as task_lib
-from trainer.errors import ConfigError, DataError
+from trainer.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +72,9 @@ def restore(workdir: str) -> Restored:
                     "resume) the run until it saves one")
   task = task_lib.load_task(config.task, config)
   with float32_policy():
-    model = task.build_model()
-    if not isinstance(model, keras.Model):
-      raise ConfigError(f"build_model() returned {type(model).__name__}, "
-                        "not a keras.Model")
+    # the main model of several (the first; a task with its own train_step)
+    model = task_lib.main_model(task.build_model(), has_train_step=callable(
+        getattr(task, "train_step", None)))
     # a subclassed model makes its variables when called
     task_lib.build_variables(model, task_lib.examples(task.eval_data(),
                                                       "eval_data"))

@@ -146,9 +146,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
     fix_pruning_schedule(config, None)
 
   compute_loss = getattr(task, "compute_loss", None)
+  train_step = getattr(task, "train_step", None)
   with strategy.scope():
     model = task.build_model()
-    task_lib.build_variables(model, train)
+    if not isinstance(model, dict):
+      task_lib.build_variables(model, train)
+    task_lib.main_model(model, has_train_step=train_step is not None)
     optimizer = (task.build_optimizer() if hasattr(task, "build_optimizer")
                  else optimizers.build_optimizer(config.optimizer,
                                                  config.train.steps))
@@ -156,16 +159,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   trainer = Trainer(
       model=model, optimizer=optimizer,
       loss=None if compute_loss else task.build_losses,
-      compute_loss=compute_loss, metrics=task.build_metrics,  # fresh ones
+      compute_loss=compute_loss, train_step=train_step,
+      metrics=task.build_metrics,  # fresh ones
       strategy=strategy, steps_per_loop=config.train.steps_per_loop,
       global_clipnorm=config.optimizer.global_clipnorm,
       jit_compile=config.train.jit_compile,
       grad_accum_steps=config.train.grad_accum_steps,
-      min_loss_scale=config.precision.min_loss_scale,
+      min_loss_scale=config.precision.min_loss_scale, seed=config.seed,
       pruning=pruning.schedule_from_config(config.pruning, config.train.steps))
-  if config.train.jit_compile and config.train.deterministic:
+  if (config.train.jit_compile and config.train.deterministic and
+      train_step is None):
     trainer.step.check_compiles(_per_replica_spec(train, config, n))
 
+  trainer.workdir = workdir
   callbacks = [*callbacks, *(task.callbacks() if hasattr(task, "callbacks")
                              else ()),
                *callbacks_lib.build_callbacks(config, workdir,
@@ -210,8 +216,11 @@ def _restore_and_train(config: ml_collections.ConfigDict,
         is_chief=chief, max_to_keep=config.train.max_checkpoints,
         allow_partial=allow_config_change,
         async_save=config.train.async_checkpoint,
-        extra={"pruning_masks": dict(trainer.pruner.masks)}
-        if trainer.pruner else None)
+        pruning_masks=trainer.pruner and trainer.pruner.masks,
+        more_models={n: m for n, m in trainer.models.items()
+                     if m is not trainer.model},
+        more_optimizers={n: o for n, o in trainer.optimizers.items()
+                         if o is not trainer.optimizer})
     try:
       checkpointer.restore_latest()
       trainer.check_same_step()

@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 
 from trainer.errors import ConfigError
-from trainer.optimizers import disable_gradient_aggregation, fused_update
+from trainer.update import OptimizerUpdate
 
 # (model, batch, training) -> (per-example loss [batch] float32, predictions)
 ComputeLoss = Callable[..., tuple]
@@ -77,6 +77,20 @@ def make_compute_loss(loss_fn: Callable) -> ComputeLoss:
   return compute_loss
 
 
+def pad_empty(batch) -> tuple:
+  """(batch, n) for this replica's batch of n examples; an empty dynamic
+  batch gets one zero row (see call_nonempty), so the returned batch has
+  max(n, 1) rows. Static (full) batches pass unchanged."""
+  first = tf.nest.flatten(batch)[0]
+  if first.shape[0] is not None:
+    return batch, tf.shape(first)[0]
+  n = tf.shape(first)[0]
+  pad = tf.maximum(1 - n, 0)
+  return tf.nest.map_structure(
+      lambda t: tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)),
+      batch), n
+
+
 def call_nonempty(compute_loss: ComputeLoss, model, batch, training):
   """`compute_loss` on this replica's batch, never on an empty one.
 
@@ -88,13 +102,9 @@ def call_nonempty(compute_loss: ComputeLoss, model, batch, training):
   real rows: the per-example loss [n] and predictions [n, ...] of the n real
   examples, whatever the model. Static (full) batches pass unchanged.
   """
-  first = tf.nest.flatten(batch)[0]
-  if first.shape[0] is not None:
+  if tf.nest.flatten(batch)[0].shape[0] is not None:
     return compute_loss(model, batch, training)
-  n = tf.shape(first)[0]
-  pad = tf.maximum(1 - n, 0)
-  padded = tf.nest.map_structure(
-      lambda t: tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)), batch)
+  padded, n = pad_empty(batch)
   per_example, y_pred = compute_loss(model, padded, training)
   return per_example[:n], tf.nest.map_structure(lambda t: t[:n], y_pred)
 
@@ -135,6 +145,26 @@ class ReplicaOutput(NamedTuple):
   count: tf.Tensor  # examples in the global batch (float32)
 
 
+def average_statistics(statistics: list, count: tf.Tensor, values: list,
+                       reduce: Callable[[list], list]) -> list:
+  """All-reduces `values` (a flat list of tensors) once, together with each
+  replica's moving `statistics` weighted by its example `count` (an empty
+  replica counts 0), which it sets to their weighted mean. Returns the
+  reduced `values`."""
+  weighted = [tf.cast(v.value, tf.float32) * count for v in statistics]
+  reduced = reduce(values + [count] + weighted)
+  total = reduced[len(values)]
+  for v, stat in zip(statistics, reduced[len(values) + 1:]):
+    v.assign(tf.cast(stat / total, v.dtype))
+  return reduced[:len(values)]
+
+
+def all_reduce_sum(values: list) -> list:
+  """Replica context: one SUM all-reduce of a flat list of tensors."""
+  return tf.distribute.get_replica_context().all_reduce(
+      tf.distribute.ReduceOp.SUM, values)
+
+
 class TrainStep:
   """Builds the per-step functions for one model, optimizer and strategy.
 
@@ -168,13 +198,9 @@ class TrainStep:
     self.metrics = list(metrics)
     self.global_clipnorm = float(global_clipnorm)
     self._compute_loss = compute_loss
-    self.loss_scaled = isinstance(optimizer,
-                                  keras.optimizers.LossScaleOptimizer)
-    self._apply_optimizer = (optimizer.inner_optimizer
-                             if self.loss_scaled else optimizer)
-    disable_gradient_aggregation(optimizer)
-    self._fused = fused_update(self._apply_optimizer, strategy,
-                               model.trainable_variables)
+    self.update = OptimizerUpdate(optimizer, model.trainable_variables,
+                                  strategy, global_clipnorm)
+    self.loss_scaled = self.update.loss_scaled
     with strategy.scope():
       self.global_step = tf.Variable(
           0, dtype=tf.int64, trainable=False, name="global_step",
@@ -225,9 +251,13 @@ class TrainStep:
           f"train.deterministic=True ({first.rstrip('.')}); turn off "
           "train.jit_compile or train.deterministic") from None
 
+  updates_metrics = True  # the train metrics see every step's predictions
+  log_names = ()  # more values the step logs (a task's own step has some)
+
   @property
-  def loss_scale(self) -> tf.Variable | None:
-    return self.optimizer.dynamic_scale if self.loss_scaled else None
+  def loss_scales(self) -> dict[str, tf.Variable]:
+    """The loss scale by optimizer name ({} without loss scaling)."""
+    return {"model": self.update.loss_scale} if self.loss_scaled else {}
 
   def _global_count(self, batch) -> tf.Tensor:
     """Examples in this step over all replicas (float32 scalar).
@@ -313,84 +343,36 @@ class TrainStep:
       grads, loss_sum, count = self._accumulated_grads(batch, global_count)
     if self.strategy.num_replicas_in_sync > 1:  # one replica: already global
       # One all-reduce: gradients, loss, count, and each replica's moving
-      # statistics weighted by its examples (an empty replica counts 0).
-      stats = [tf.cast(v.value, tf.float32) * count for v in self._statistics]
-      ctx = tf.distribute.get_replica_context()
-      reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                               grads + [loss_sum, count] + stats)
-      k = len(grads)
-      grads, loss_sum, count = reduced[:k], reduced[k], reduced[k + 1]
-      for v, total in zip(self._statistics, reduced[k + 2:]):
-        v.assign(tf.cast(total / count, v.dtype))
-    if self.loss_scaled:
-      finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
-                              for g in grads])
-      grads = [g / self.optimizer.dynamic_scale for g in grads]
-    else:
-      finite = tf.constant(True)
-    if self.global_clipnorm > 0:
-      grad_norm = tf.linalg.global_norm(grads)
-      grads, _ = tf.clip_by_global_norm(grads, self.global_clipnorm,
-                                        use_norm=grad_norm)
-    else:
-      grad_norm = tf.cond(want_norm, lambda: tf.linalg.global_norm(grads),
-                          lambda: tf.constant(0.0))
+      # statistics weighted by its examples.
+      reduced = average_statistics(self._statistics, count, grads + [loss_sum],
+                                   all_reduce_sum)
+      grads, loss_sum, count = reduced[:-1], reduced[-1], global_count
+    grads, finite, grad_norm = self.update.finish(grads, want_norm)
     return ReplicaOutput(grads, finite, grad_norm, loss_sum, count)
 
   @property
   def fused_update(self) -> bool:
-    """True if the update runs as TensorFlow's fused kernels (plain Adam
-    and SGD), False if through Keras' `optimizer.apply`."""
-    return self._fused is not None
+    return self.update.fused
 
-  def _apply(self, grads) -> None:
-    """Cross-replica: applies the (already reduced) gradients on each replica."""
-    variables = self.model.trainable_variables
-    if self._fused is not None:
-      self._fused.apply(grads, variables)
-      return
-    self.strategy.extended.call_for_each_replica(
-        lambda g: self._apply_optimizer.apply(g, variables), args=(grads,))
-
-  def _grow_loss_scale(self) -> None:
-    opt = self.optimizer
-    if_grow = tf.equal(opt.step_counter, opt.dynamic_growth_steps - 1)
-    opt.step_counter.assign(tf.where(if_grow, tf.zeros_like(opt.step_counter),
-                                     opt.step_counter + 1))
-    opt.dynamic_scale.assign(tf.where(if_grow, opt.dynamic_scale * 2.0,
-                                      opt.dynamic_scale))
-
-  def _skip(self) -> None:
-    self.optimizer.step_counter.assign(
-        tf.zeros_like(self.optimizer.step_counter))
-    self.optimizer.dynamic_scale.assign(self.optimizer.dynamic_scale * 0.5)
+  def zero_outputs(self, element_spec) -> dict:  # pylint: disable=unused-argument
+    """The structure `__call__` returns, as zeros (the loop's start)."""
+    zero = tf.constant(0.0)
+    return {"sum": {"loss_sum": zero, "count": zero, "skipped": zero},
+            "last": {"grad_norm": zero}}
 
   def __call__(self, batch, want_norm=True) -> dict:
     """One step in cross-replica context (inside tf.function, under scope).
 
-    Returns scalar float32 tensors: loss_sum, count, grad_norm (0 unless
-    `want_norm` or clipping), finite.
+    Returns {"sum": {loss_sum, count, skipped}, "last": {grad_norm}}: scalar
+    float32 tensors that the host loop adds up over its steps, or keeps the
+    last of (grad_norm: 0 unless `want_norm` or clipping).
     """
     out = self.strategy.run(self.replica_step, args=(batch, want_norm))
     first = lambda t: self.strategy.experimental_local_results(t)[0]
-    finite = first(out.finite)
-    if self.loss_scaled:
-
-      def apply_and_grow():
-        self._apply(out.grads)
-        self._grow_loss_scale()
-        return tf.constant(True)
-
-      def skip():
-        self._skip()
-        return tf.constant(False)
-
-      tf.cond(finite, apply_and_grow, skip)
-    else:
-      self._apply(out.grads)
+    skipped = self.update.apply(out.grads, first(out.finite))
     step = self.global_step.assign_add(1)
     if self._after_update is not None:
       self._after_update(step)
-    return {"loss_sum": first(out.loss_sum), "count": first(out.count),
-            "grad_norm": first(out.grad_norm),
-            "finite": tf.cast(finite, tf.float32)}
+    return {"sum": {"loss_sum": first(out.loss_sum),
+                    "count": first(out.count), "skipped": skipped},
+            "last": {"grad_norm": first(out.grad_norm)}}

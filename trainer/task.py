@@ -6,19 +6,28 @@ any package, e.g. next to the config). `Name(config)` builds the task: a
 class, or a function returning an object, with these methods:
 
   build_model() -> keras.Model          called inside strategy.scope(), under
-                                        the precision policy
+                                        the precision policy; or {name:
+                                        model} for train_step, the first
+                                        the main one (evaluated, exported,
+                                        pruned)
   train_data(), eval_data()             the examples, unbatched: a tuple of
                                         numpy arrays (x, y) or (x, y, w), x
                                         maybe a dict of arrays, or a
                                         tf.data.Dataset of such elements
   build_losses(labels, model_outputs)   per-example loss, [batch] float32
+                                        (not needed with compute_loss)
   build_metrics() -> [keras Metric]     fresh instances
 optional:
   compute_loss(model, batch, training)  -> (per_example_loss [batch],
                                         predictions); replaces the forward
-                                        pass + build_losses
+                                        pass + build_losses; `model` is what
+                                        build_model() returned
   callbacks() -> [keras Callback]
-  build_optimizer() -> keras Optimizer  else `optimizer.*` from the config
+  build_optimizer() -> keras Optimizer  else `optimizer.*` from the config;
+                                        or {model name: optimizer}
+  train_step(batch, step) -> {name: scalar}   your own step
+                                        (trainer/step_context.py); the
+                                        losses and metrics then evaluate
 
 Its own settings live in the config's `user` section (never checked).
 Everything here names the method that returned what, so a broken task is
@@ -40,7 +49,7 @@ from trainer.errors import ConfigError, DataError
 
 REQUIRED = ("build_model", "train_data", "eval_data", "build_losses",
             "build_metrics")
-OPTIONAL = ("compute_loss", "callbacks", "build_optimizer")
+OPTIONAL = ("compute_loss", "callbacks", "build_optimizer", "train_step")
 DEFAULT_TASK = "trainer.tasks.image_classification:ImageClassification"
 
 
@@ -109,6 +118,9 @@ def spec_of(task) -> str:
 def check_methods(task, what: str) -> None:
   """Raises ConfigError naming the required methods `task` lacks."""
   missing = [m for m in REQUIRED if not callable(getattr(task, m, None))]
+  if "build_losses" in missing and callable(getattr(task, "compute_loss",
+                                                    None)):
+    missing.remove("build_losses")  # compute_loss gives the losses
   if missing:
     raise ConfigError(
         f"{what}: {type(task).__name__} has no method "
@@ -186,6 +198,35 @@ def first_batch(train: Examples):
                     ) from None
 
 
+def main_model(built, *, has_train_step: bool) -> keras.Model:
+  """The model build_model() returned, or the first of a dict of them (a
+  task with its own train_step may have several).
+
+  Raises:
+    ConfigError: not a keras.Model (or a dict of them), a dict without a
+      train_step, or a model in the dict without variables.
+  """
+  if isinstance(built, dict):
+    if not has_train_step:
+      raise ConfigError(f"build_model() returned {len(built)} models "
+                        f"({', '.join(built)}); several models need the "
+                        "task's own train_step(batch, step)")
+    if not built:
+      raise ConfigError("build_model() returned an empty dict")
+    for name, model in built.items():
+      if not isinstance(model, keras.Model):
+        raise ConfigError(f"build_model() returned {type(model).__name__} "
+                          f"as {name!r}, not a keras.Model")
+      if not model.variables:
+        raise ConfigError(f"build_model(): model {name!r} has no variables "
+                          "yet; give it a keras.Input or call it once")
+    return next(iter(built.values()))
+  if not isinstance(built, keras.Model):
+    raise ConfigError(f"build_model() returned {type(built).__name__}, not a "
+                      "keras.Model")
+  return built
+
+
 def build_variables(model, train: Examples) -> None:
   """Calls a model that has no variables yet (a subclassed model makes them
   when first called) on 2 training examples; call inside strategy.scope()
@@ -211,9 +252,8 @@ def check_task(task, model: keras.Model, train: Examples, *,
       not take the examples, build_losses (or compute_loss) fails or does not
       return [batch], or a metric from build_metrics() fails on them.
   """
-  if not isinstance(model, keras.Model):
-    raise ConfigError(f"build_model() returned {type(model).__name__}, not a "
-                      "keras.Model")
+  main = main_model(model, has_train_step=callable(getattr(task, "train_step",
+                                                          None)))
   batch = first_batch(train)
   x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
   shape = lambda t: tf.nest.map_structure(lambda a: tuple(a.shape), t)
@@ -226,7 +266,7 @@ def check_task(task, model: keras.Model, train: Examples, *,
                         f"{_first_line(e)}") from None
   else:
     try:
-      outputs = model(x, training=False)
+      outputs = main(x, training=False)
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(
           f"the model from build_model() does not take x from train_data() "

@@ -3,7 +3,9 @@
 `DIR/tensorboard/train`: after every host loop, at the global step: `loss`,
 each metric, `learning_rate`, `loss_scale` (mixed_float16), `grad_norm`
 (global norm of the reduced, unscaled gradient), `examples_per_sec`,
-`step_time` (seconds), `skipped_steps`. `DIR/tensorboard/eval`: `loss` and
+`step_time` (seconds), `skipped_steps`, and whatever else the train logs
+hold (`sparsity`; a task's own train_step's values, per-optimizer
+`loss_scale/<name>`...). `DIR/tensorboard/eval`: `loss` and
 each metric after every evaluation. With `profile_steps=(a, b)`, a profiler
 trace of the host loops covering global steps [a, b) goes to
 `DIR/tensorboard/plugins/profile/` (TensorBoard's Profile tab).
@@ -16,8 +18,8 @@ from absl import logging
 
 from trainer.callbacks.base import TrainerCallback
 
-TRAIN_SCALARS = ("loss", "learning_rate", "loss_scale", "grad_norm",
-                 "examples_per_sec", "step_time", "skipped_steps")
+# Train logs that are counts or repeats, not worth a chart.
+NOT_SCALARS = ("steps", "examples", "loss_sum", "loop_loss")
 
 
 class TensorBoardScalars(TrainerCallback):
@@ -56,8 +58,8 @@ class TensorBoardScalars(TrainerCallback):
 
   def on_train_batch_end(self, batch, logs=None):
     logs = logs or {}
-    names = list(TRAIN_SCALARS) + [m.name for m in self.trainer.train_metrics]
-    self._scalars("train", {k: logs[k] for k in names if k in logs})
+    self._scalars("train", {k: v for k, v in logs.items()
+                            if k not in NOT_SCALARS})
     if self._profiling and self.global_step >= self.profile_steps[1]:
       self._stop_profiler()
 
