@@ -9,7 +9,6 @@ Inputs: trainer/inputs.py; evaluation: trainer/evaluation.py; prediction:
 trainer/predict.py; how long fit trains: trainer/fit_plan.py.
 """
 
-import math
 import time
 from typing import Callable, Sequence
 
@@ -18,12 +17,11 @@ import tensorflow as tf
 
 from trainer import inputs
 from trainer.agreement import WorkerAgreement
-from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
-from trainer.callbacks.best_model import set_monitor_mode
-from trainer.errors import (ConfigError, TrainingDiverged, UserError,
-                            untraced_message)
+from trainer.errors import ConfigError, UserError, untraced_message
 from trainer.evaluation import Evaluator
+from trainer.fit_loop import run_epochs
 from trainer.fit_plan import FitPlan
+from trainer.loop_logs import host_loop_logs, loss_scale_logs
 from trainer.optimizers import prepare_optimizers
 from trainer.predict import Predictor
 from trainer.pruning import Pruner, PruningSchedule
@@ -212,36 +210,18 @@ class Trainer:
     return self._loop_logs(out, elapsed)
 
   def _loop_logs(self, out: dict, elapsed: float) -> dict[str, float]:
-    """The logs of one host loop from what `_train_loop` returned."""
-    sums, steps = out["sum"], int(out["steps"])
-    count = float(sums["count"])
-    logs = {"loss": float(sums["loss_sum"] / max(count, 1.0)),
-            "steps": steps, "examples": int(count),
-            "loss_sum": float(sums["loss_sum"]),
-            "examples_per_sec": count / elapsed,
-            "step_time": elapsed / max(steps, 1),
-            "skipped_steps": int(sums["skipped"]),
-            "learning_rate": self.learning_rate()}
-    logs.update({k: float(v) for k, v in out["last"].items()})
-    for key, value in sums.items():  # a task's own step (step_context.py)
-      if key.startswith("skipped/") and len(self.optimizers) > 1:
-        logs[f"skipped_steps/{key[8:]}"] = int(value)
-      elif key.startswith("log/"):
-        logs[key[4:]] = float(value / max(count, 1.0))
+    """The logs of one host loop (trainer/loop_logs.py) with the metrics,
+    loss scales and sparsity."""
+    several = len(self.optimizers) > 1
+    logs = host_loop_logs(out, elapsed, several_optimizers=several,
+                          learning_rate=self.learning_rate())
     if self.step.updates_metrics:
       for metric in self.train_metrics:
         logs[metric.name] = float(metric.result())
-    logs.update(self._loss_scale_logs())
+    logs.update(loss_scale_logs(self.step.loss_scales, several))
     if self.pruner is not None:
       logs["sparsity"] = self.pruner.sparsity()
     return logs
-
-  def _loss_scale_logs(self) -> dict[str, float]:
-    """`loss_scale`, or `loss_scale/<optimizer>` for several optimizers."""
-    scales = self.step.loss_scales
-    if len(self.optimizers) == 1:
-      return {"loss_scale": float(v.numpy()) for v in scales.values()}
-    return {f"loss_scale/{n}": float(v.numpy()) for n, v in scales.items()}
 
   def learning_rate(self) -> float:
     """The learning rate the next step will use."""
@@ -282,21 +262,6 @@ class Trainer:
     eval_logs = self.evaluate(data)
     callback_list.on_test_end(eval_logs)
     return eval_logs
-
-  def _check_diverged(self, step: int, logs: dict) -> None:
-    """Raises TrainingDiverged if the run can no longer make progress."""
-    scales = self._loss_scale_logs()
-    if not scales:
-      if not math.isfinite(logs["loss"]):
-        raise TrainingDiverged(step, logs["loss"])
-      return
-    name, scale = min(scales.items(), key=lambda item: item[1])
-    if scale < self.min_loss_scale:
-      raise TrainingDiverged(step, logs["loss"], (
-          f"the {name.replace('_', ' ')} fell to {scale:g}, below "
-          f"precision.min_loss_scale={self.min_loss_scale:g}, by global step "
-          f"{step} (loss {logs['loss']:g}): every step overflows in float16 "
-          "and none is applied"))
 
   def _beat(self, what: str) -> None:
     if self.watchdog is not None:
@@ -399,85 +364,5 @@ class Trainer:
                         steps_per_epoch=steps_per_epoch,
                         initial_epoch=initial_epoch,
                         step=int(self.global_step.numpy()))
-    return self._fit(train, plan, validation, eval_every=eval_every,
-                     callbacks=callbacks)
-
-  def _fit(self, train, plan: FitPlan, validation, *, eval_every: int,
-           callbacks) -> keras.callbacks.History:
-    """The epoch and host loops of `fit` (see there)."""
-    history = keras.callbacks.History()
-    callbacks = [cb for cb in callbacks
-                 if self.is_chief or not runs_on_chief_only(cb)] + [history]
-    for cb in callbacks:
-      if isinstance(cb, TrainerCallback):
-        cb.set_trainer(self)
-      set_monitor_mode(cb, self.train_metrics)
-    self.model.optimizer = self.optimizer  # ReduceLROnPlateau and friends
-    callback_list = keras.callbacks.CallbackList(
-        callbacks, model=self.model, verbose=0, steps=plan.steps_per_epoch,
-        epochs=plan.epochs, total_steps=plan.total_steps)
-    distributed, iterator, exhausted = self.distribute(train), None, False
-    logs: dict = {}
-    eval_logs: dict = {}
-    self.model.stop_training = False
-    callback_list.on_train_begin()
-    step = int(self.global_step.numpy())
-    epoch = plan.first_epoch
-    ended = False
-    while (epoch < plan.epochs and not plan.done(step) and
-           not (ended or self.model.stop_training or self.preempted)):
-      epoch_start = plan.epoch_start(epoch, step)
-      if iterator is None or plan.new_pass_each_epoch or exhausted:
-        iterator = iter(distributed)
-      epoch_end = plan.epoch_end(epoch_start)
-      callback_list.on_epoch_begin(epoch)
-      self._agree_on_decisions()
-      loss_sum, examples, first_step, exhausted = 0.0, 0, step, False
-      step_sums = {}  # the values a task's own train_step logs
-      while epoch_end is None or step < epoch_end:
-        todo = self.steps_per_loop if epoch_end is None else min(
-            self.steps_per_loop, epoch_end - step)
-        if eval_every:
-          todo = min(todo, eval_every - step % eval_every)
-        callback_list.on_train_batch_begin(step - epoch_start)
-        out = self.train_steps(iterator, todo,
-                               reset_metrics=step == first_step)
-        exhausted = out["steps"] < todo
-        if out["steps"] == 0:
-          break
-        step = int(self.global_step.numpy())
-        self._check_diverged(step, out)  # before any callback
-        loss_sum += out.pop("loss_sum")
-        examples += out["examples"]
-        for key in self.step.log_names:
-          step_sums[key] = (step_sums.get(key, 0.0) +
-                            out[key] * out["examples"])
-        logs = {**out, "loop_loss": out["loss"],
-                "loss": loss_sum / max(examples, 1)}
-        callback_list.on_train_batch_end(step - epoch_start - 1, logs)
-        if (validation is not None and eval_every and step % eval_every == 0
-            and not exhausted and (epoch_end is None or step < epoch_end)):
-          eval_logs = self._evaluate_with_callbacks(callback_list, validation)
-        self._agree_on_decisions()
-        if exhausted or self.model.stop_training or self.preempted:
-          break
-      ended = exhausted and plan.run_ends_with_data
-      if self.preempted or examples == 0:
-        break  # mid-epoch preemption (the resumed run finishes the epoch),
-        # or finite data that ran out exactly at the epoch boundary
-      epoch_logs = {"loss": loss_sum / max(examples, 1),
-                    **({m.name: float(m.result()) for m in self.train_metrics}
-                       if self.step.updates_metrics else {}),
-                    **{k: v / examples for k, v in step_sums.items()},
-                    "learning_rate": self.learning_rate()}
-      if validation is not None:
-        eval_logs = self._evaluate_with_callbacks(callback_list, validation)
-        epoch_logs.update({f"val_{k}": v for k, v in eval_logs.items()
-                           if k != "num_examples"})
-      callback_list.on_epoch_end(epoch, epoch_logs)
-      self._agree_on_decisions()
-      epoch += 1
-    logs.update({f"eval/{k}": v for k, v in eval_logs.items()})
-    callback_list.on_train_end(logs)
-    history.last_logs = logs
-    return history
+    return run_epochs(self, train, plan, validation, eval_every=eval_every,
+                      callbacks=callbacks)

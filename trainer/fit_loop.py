@@ -1,0 +1,101 @@
+"""The epoch and host loops of `Trainer.fit` (trainer/loop.py).
+
+Per epoch: host loops of up to `steps_per_loop` steps (`Trainer.train_steps`),
+the Keras callback hooks around each with global logs, evaluation every
+`eval_every` steps and at the epoch end, and after every hook the workers'
+agreement on stop, learning rate and preemption (DESIGN.md fact 11).
+"""
+
+import keras
+
+from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
+from trainer.callbacks.best_model import set_monitor_mode
+from trainer.fit_plan import FitPlan
+from trainer.loop_logs import check_diverged, loss_scale_logs
+
+
+def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
+               callbacks) -> keras.callbacks.History:
+  """The epoch and host loops of `Trainer.fit` (see there) for `trainer`:
+  callbacks, host loops of `train_steps`, evaluation, agreement between
+  workers, early stops. Uses the Trainer's private hooks (`_beat`,
+  `_agree_on_decisions`, `_evaluate_with_callbacks`): it is the Trainer's
+  own loop, in a file of its own."""
+  history = keras.callbacks.History()
+  callbacks = [cb for cb in callbacks
+               if trainer.is_chief or not runs_on_chief_only(cb)] + [history]
+  for cb in callbacks:
+    if isinstance(cb, TrainerCallback):
+      cb.set_trainer(trainer)
+    set_monitor_mode(cb, trainer.train_metrics)
+  trainer.model.optimizer = trainer.optimizer  # ReduceLROnPlateau and friends
+  callback_list = keras.callbacks.CallbackList(
+      callbacks, model=trainer.model, verbose=0, steps=plan.steps_per_epoch,
+      epochs=plan.epochs, total_steps=plan.total_steps)
+  distributed, iterator, exhausted = trainer.distribute(train), None, False
+  logs: dict = {}
+  eval_logs: dict = {}
+  trainer.model.stop_training = False
+  callback_list.on_train_begin()
+  step = int(trainer.global_step.numpy())
+  epoch = plan.first_epoch
+  ended = False
+  while (epoch < plan.epochs and not plan.done(step) and
+         not (ended or trainer.model.stop_training or trainer.preempted)):
+    epoch_start = plan.epoch_start(epoch, step)
+    if iterator is None or plan.new_pass_each_epoch or exhausted:
+      iterator = iter(distributed)
+    epoch_end = plan.epoch_end(epoch_start)
+    callback_list.on_epoch_begin(epoch)
+    trainer._agree_on_decisions()
+    loss_sum, examples, first_step, exhausted = 0.0, 0, step, False
+    step_sums = {}  # the values a task's own train_step logs
+    while epoch_end is None or step < epoch_end:
+      todo = trainer.steps_per_loop if epoch_end is None else min(
+          trainer.steps_per_loop, epoch_end - step)
+      if eval_every:
+        todo = min(todo, eval_every - step % eval_every)
+      callback_list.on_train_batch_begin(step - epoch_start)
+      out = trainer.train_steps(iterator, todo,
+                             reset_metrics=step == first_step)
+      exhausted = out["steps"] < todo
+      if out["steps"] == 0:
+        break
+      step = int(trainer.global_step.numpy())
+      check_diverged(step, out, loss_scale_logs(  # before any callback
+          trainer.step.loss_scales, len(trainer.optimizers) > 1),
+                     trainer.min_loss_scale)
+      loss_sum += out.pop("loss_sum")
+      examples += out["examples"]
+      for key in trainer.step.log_names:
+        step_sums[key] = (step_sums.get(key, 0.0) +
+                          out[key] * out["examples"])
+      logs = {**out, "loop_loss": out["loss"],
+              "loss": loss_sum / max(examples, 1)}
+      callback_list.on_train_batch_end(step - epoch_start - 1, logs)
+      if (validation is not None and eval_every and step % eval_every == 0
+          and not exhausted and (epoch_end is None or step < epoch_end)):
+        eval_logs = trainer._evaluate_with_callbacks(callback_list, validation)
+      trainer._agree_on_decisions()
+      if exhausted or trainer.model.stop_training or trainer.preempted:
+        break
+    ended = exhausted and plan.run_ends_with_data
+    if trainer.preempted or examples == 0:
+      break  # mid-epoch preemption (the resumed run finishes the epoch),
+      # or finite data that ran out exactly at the epoch boundary
+    epoch_logs = {"loss": loss_sum / max(examples, 1),
+                  **({m.name: float(m.result()) for m in trainer.train_metrics}
+                     if trainer.step.updates_metrics else {}),
+                  **{k: v / examples for k, v in step_sums.items()},
+                  "learning_rate": trainer.learning_rate()}
+    if validation is not None:
+      eval_logs = trainer._evaluate_with_callbacks(callback_list, validation)
+      epoch_logs.update({f"val_{k}": v for k, v in eval_logs.items()
+                         if k != "num_examples"})
+    callback_list.on_epoch_end(epoch, epoch_logs)
+    trainer._agree_on_decisions()
+    epoch += 1
+  logs.update({f"eval/{k}": v for k, v in eval_logs.items()})
+  callback_list.on_train_end(logs)
+  history.last_logs = logs
+  return history

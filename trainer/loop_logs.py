@@ -1,0 +1,69 @@
+"""The logs of one host loop, and the divergence check on them.
+
+`host_loop_logs` turns what the Trainer's `tf.function` loop returned (the
+step's `sum` and `last` outputs, trainer/step.py and trainer/step_context.py)
+into the Python floats every callback sees; `check_diverged` reads them
+before any callback does.
+"""
+
+import math
+
+import tensorflow as tf
+
+from trainer.errors import TrainingDiverged
+
+
+def loss_scale_logs(loss_scales: dict[str, tf.Variable],
+                    several_optimizers: bool) -> dict[str, float]:
+  """`loss_scale`, or `loss_scale/<optimizer>` with several optimizers ({}
+  without loss scaling)."""
+  if not several_optimizers:
+    return {"loss_scale": float(v.numpy()) for v in loss_scales.values()}
+  return {f"loss_scale/{n}": float(v.numpy()) for n, v in loss_scales.items()}
+
+
+def host_loop_logs(out: dict, elapsed: float, *, several_optimizers: bool,
+                   learning_rate: float) -> dict[str, float]:
+  """`loss` (mean per example), `steps`, `examples`, `loss_sum`,
+  `examples_per_sec`, `step_time` (s), `skipped_steps`, `learning_rate`,
+  the step's `last` values (`grad_norm`...), and a task's own step's values
+  (each averaged per example) and per-optimizer skip counts.
+
+  Args:
+    out: {"steps", "sum": {...}, "last": {...}} as numpy values.
+    elapsed: seconds the loop took.
+  """
+  sums, steps = out["sum"], int(out["steps"])
+  count = float(sums["count"])
+  logs = {"loss": float(sums["loss_sum"] / max(count, 1.0)),
+          "steps": steps, "examples": int(count),
+          "loss_sum": float(sums["loss_sum"]),
+          "examples_per_sec": count / elapsed,
+          "step_time": elapsed / max(steps, 1),
+          "skipped_steps": int(sums["skipped"]),
+          "learning_rate": learning_rate}
+  logs.update({k: float(v) for k, v in out["last"].items()})
+  for key, value in sums.items():  # a task's own step (step_context.py)
+    if key.startswith("skipped/") and several_optimizers:
+      logs[f"skipped_steps/{key[8:]}"] = int(value)
+    elif key.startswith("log/"):
+      logs[key[4:]] = float(value / max(count, 1.0))
+  return logs
+
+
+def check_diverged(step: int, logs: dict, scales: dict[str, float],
+                   min_loss_scale: float) -> None:
+  """Raises TrainingDiverged if the run can no longer make progress: a
+  non-finite loss without loss scaling, or a loss scale (`scales`, from
+  `loss_scale_logs`) below `min_loss_scale`."""
+  if not scales:
+    if not math.isfinite(logs["loss"]):
+      raise TrainingDiverged(step, logs["loss"])
+    return
+  name, scale = min(scales.items(), key=lambda item: item[1])
+  if scale < min_loss_scale:
+    raise TrainingDiverged(step, logs["loss"], (
+        f"the {name.replace('_', ' ')} fell to {scale:g}, below "
+        f"precision.min_loss_scale={min_loss_scale:g}, by global step "
+        f"{step} (loss {logs['loss']:g}): every step overflows in float16 "
+        "and none is applied"))
