@@ -4,8 +4,9 @@ A frozen teacher (a wide MLP) and a small student trained on the teacher's
 softened outputs plus the labels, written as the task's own `train_step`
 (trainer/step_context.py). The teacher is loaded from a finished run's
 workdir (`user.teacher_workdir`, e.g. one of configs/digits.py) or, without
-one, trained first in this process with the framework's Python API
-(`Trainer.fit`) under the same strategy. Evaluation reports the student's
+one, trained in this process when the run starts (a resumed run restores
+it from its checkpoint) with the framework's Python API (`Trainer.fit`)
+under the same strategy. Evaluation reports the student's
 `accuracy` and the teacher's (`teacher_accuracy`); the exported model is the
 student.
 
@@ -44,16 +45,37 @@ def get_config():
   return c
 
 
-class ReportTeacher(TrainerCallback):
-  """Adds the frozen teacher's eval accuracy (measured once) to every
-  evaluation's logs, next to the student's."""
+class PrepareTeacher(TrainerCallback):
+  """Trains the teacher before the first step of a fresh run (a resumed run
+  has it from its checkpoint, a loaded one from its workdir), measures its
+  eval accuracy once, and adds it to every evaluation's logs."""
 
   def __init__(self, task):
     super().__init__()
     self.task = task
 
+  def on_train_begin(self, logs=None):
+    task, strategy = self.task, self.trainer.strategy
+    teacher = self.trainer.models["teacher"]
+    if self.global_step == 0 and not task.user.teacher_workdir:
+      teacher.trainable = True
+      images, labels = task.train_data()
+      Trainer(model=teacher, optimizer=keras.optimizers.Adam(3e-3),
+              loss=task.build_losses, strategy=strategy, steps_per_loop=100,
+              seed=task.config.seed).fit(
+                  images, labels, epochs=int(task.user.teacher_epochs),
+                  batch_size=task.config.data.global_batch_size)
+      teacher.trainable = False
+    if task.teacher_accuracy is None:
+      task.teacher_accuracy = Trainer(
+          model=teacher, optimizer=keras.optimizers.SGD(),
+          loss=task.build_losses, metrics=task.build_metrics,
+          strategy=strategy).evaluate(task.eval_data().batch(
+              task.config.data.eval_batch_size))["accuracy"]
+      logging.info("teacher eval accuracy %.4f", task.teacher_accuracy)
+
   def on_test_end(self, logs=None):
-    if logs is not None:
+    if logs is not None and self.task.teacher_accuracy is not None:
       logs["teacher_accuracy"] = self.task.teacher_accuracy
 
 
@@ -63,12 +85,14 @@ class Distillation(ImageClassification):
   def __init__(self, config):
     super().__init__(config)
     self.user = config.user
-    self.teacher_accuracy = float("nan")
+    self.teacher_accuracy = None  # measured when training begins
 
   def _teacher(self) -> keras.Model:
-    """The teacher, inside the run's strategy scope: loaded or trained."""
-    strategy = tf.distribute.get_strategy()
-    if self.user.teacher_workdir:
+    """The frozen teacher: loaded from `user.teacher_workdir`, or the
+    digits MLP that PrepareTeacher trains when the run starts."""
+    if not self.user.teacher_workdir:
+      teacher = super().build_model()
+    else:
       try:
         finished = restore(self.user.teacher_workdir)
       except UserError as e:
@@ -76,21 +100,6 @@ class Distillation(ImageClassification):
       teacher = finished.task.build_model()
       teacher.set_weights(finished.model.get_weights())
       logging.info("teacher loaded from %s", finished.checkpoint)
-    else:
-      teacher = super().build_model()
-      images, labels = self.train_data()
-      trainer = Trainer(model=teacher, optimizer=keras.optimizers.Adam(3e-3),
-                        loss=self.build_losses, metrics=self.build_metrics,
-                        strategy=strategy, steps_per_loop=100,
-                        seed=self.config.seed)
-      trainer.fit(images, labels, epochs=int(self.user.teacher_epochs),
-                  batch_size=self.config.data.global_batch_size)
-    evaluator = Trainer(model=teacher, optimizer=keras.optimizers.SGD(),
-                        loss=self.build_losses, metrics=self.build_metrics,
-                        strategy=strategy)
-    self.teacher_accuracy = evaluator.evaluate(
-        self.eval_data().batch(self.config.data.eval_batch_size))["accuracy"]
-    logging.info("teacher eval accuracy %.4f", self.teacher_accuracy)
     teacher.trainable = False
     return teacher
 
@@ -127,4 +136,4 @@ class Distillation(ImageClassification):
     return self.build_losses(labels, logits), logits
 
   def callbacks(self):
-    return [ReportTeacher(self)]
+    return [PrepareTeacher(self)]

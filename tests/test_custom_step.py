@@ -128,7 +128,12 @@ def test_an_overflow_on_replica_1_skips_only_that_optimizer_everywhere(
     (lambda b, s: [s.apply(s.mean(b[0][:, 0]), "generator") for _ in "ab"],
      "optimizer 'generator' is applied twice in one step"),
     (lambda b, s: s.apply(b[0][:, 0], "generator"),
-     "got a loss of shape (None,); pass a scalar"),
+     "got a loss of shape (8,); pass a scalar"),
+    (lambda b, s: s.apply(s.mean(tf.concat([b[0][:, 0], b[0][:, 1]], 0)),
+                          "generator"),
+     "step.mean() got 16 values for a batch of 8 examples"),
+    (lambda b, s: {"examples": s.mean(b[0][:, 0])},
+     "train_step returned 'examples', a name the trainer logs itself"),
     (lambda b, s: s.mean(b[0]), "step.mean() takes one value per example"),
     (lambda b, s: {"x": b[0][:, 0]}, "train_step returned 'x' of shape"),
     (lambda b, s: s.apply(s.mean(b[0][:, 0]), "generator", variables=[
@@ -139,10 +144,57 @@ def test_a_misused_step_context_is_one_error_naming_the_fix(
     one_device, mistake, message):
   trainer = _trainer(one_device, step=mistake)
   data = tf.data.Dataset.from_tensor_slices(
-      (np.zeros((8, 6), np.float32), np.zeros(8, np.int32))).batch(8)
+      (np.zeros((8, 6), np.float32), np.zeros(8, np.int32))).batch(
+          8, drop_remainder=True)
   with pytest.raises(ConfigError) as e:
     trainer.fit(data, epochs=1)
   assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("form, precision", [
+    ("loss", "float32"), ("grads", "mixed_float16"), ("jit", "float32")])
+def test_a_one_model_train_step_equals_the_builtin_step(
+    mirrored, policy, form, precision):
+  """`step.apply(loss)`, given gradients of `step.scale_loss(loss)` under a
+  loss scale, and XLA: the same updates as the built-in step (2 replicas,
+  clipping, a partial last batch)."""
+  policy(precision)
+  x = np.random.default_rng(0).normal(size=(44, 6)).astype(np.float32)
+  y = np.random.default_rng(1).integers(0, 3, 44).astype(np.int32)
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                       reduction="none")
+
+  def own_step(batch, step):
+    images, labels = batch
+    model = step.models["model"]
+    with tf.GradientTape() as tape:
+      loss = step.mean(loss_fn(labels, model(images, training=True)))
+      scaled = step.scale_loss(loss, "model")
+    if form == "grads":  # no loss given: log it under the name `loss`
+      step.apply(tape.gradient(scaled, model.trainable_variables), "model")
+      return {"loss": loss}
+    step.apply(loss, step.optimizers["model"])
+    return {}
+
+  weights, logs = [], []
+  for train_step in (None, own_step):
+    with mirrored.scope():
+      keras.utils.set_random_seed(2)
+      model = keras.Sequential([
+          keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+          keras.layers.Dense(3, dtype="float32")])
+    trainer = Trainer(model=model, optimizer=keras.optimizers.Adam(0.05),
+                      loss=loss_fn, train_step=train_step, strategy=mirrored,
+                      steps_per_loop=2, global_clipnorm=0.5,
+                      jit_compile=form == "jit" and train_step is not None)
+    logs.append(trainer.fit(x, y, batch_size=8, epochs=2,
+                            shuffle=False).last_logs)
+    weights.append(model.get_weights())
+  for want, got in zip(*weights):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for key in ("loss", "grad_norm", "skipped_steps"):
+    np.testing.assert_allclose(logs[1][key], logs[0][key], rtol=1e-5,
+                               err_msg=key)
 
 
 def test_several_models_without_a_train_step_or_with_a_stray_optimizer(
@@ -182,9 +234,10 @@ def _checkpoint(workdir) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("name", ["gan", "distillation"])
-def test_example_on_two_replicas_equals_one_device(name, tmp_path):
+def test_example_on_two_replicas_equals_one_device(name, tmp_path, policy):
   """The examples through trainer.run: every model and optimizer in the
   checkpoint, the same on 2 replicas as on 1 device (float32)."""
+  del policy  # resets the global policy a mixed_float16 run sets
   results = {s: run(_example_config(name, s), str(tmp_path / s))
              for s in ("one_device", "mirrored")}
   want, got = (_checkpoint(tmp_path / s) for s in ("one_device", "mirrored"))
@@ -199,6 +252,17 @@ def test_example_on_two_replicas_equals_one_device(name, tmp_path):
     assert {"d_loss", "g_loss", "eval/d_accuracy"} <= set(logs)
     samples = tmp_path / "mirrored" / "tensorboard" / "samples"
     assert samples.is_dir() and any(samples.iterdir())
+    # optimizer.* is not the GAN's: a changed learning rate there does not
+    # overwrite its own optimizers' on resume.
+    # Resumed under mixed_float16: each optimizer starts its own scale.
+    config = _example_config(name, "mirrored")
+    config.train.steps, config.optimizer.learning_rate = 32, 0.5
+    config.precision.policy = "mixed_float16"
+    resumed = run(config, str(tmp_path / "mirrored"))
+    assert resumed.steps == 32
+    assert resumed.logs["learning_rate"] == pytest.approx(2e-3)
+    assert resumed.logs["loss_scale/generator"] == 32768
+    assert resumed.logs["loss_scale/discriminator"] == 32768
   else:
     assert any(k.startswith("models/teacher/") for k in want)
     assert not any(k.startswith("optimizers/") for k in want)  # frozen

@@ -209,7 +209,8 @@ def test_fused_update_equals_keras_update_on_two_replicas(
                       loss=LOSS, strategy=mirrored, steps_per_loop=2)
     assert trainer.step.fused_update
     if not fused:  # back to Keras' own optimizer.apply
-      trainer.step._fused = None  # pylint: disable=protected-access
+      trainer.step.update._fused = None  # pylint: disable=protected-access
+      assert not trainer.step.fused_update
     trainer.fit(_finite_input(x, y, 16), steps=4)
     weights.append(trainer.model.get_weights() +
                    [v.numpy() for v in trainer.optimizer.variables])

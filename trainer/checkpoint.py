@@ -246,6 +246,14 @@ class Checkpointer:
       logging.info("checkpoint %s has no loss scale (written under another "
                    "precision.policy): starting from the initial scale", path)
       del state["loss_scale"]
+    if "loss_scales" in state:  # several optimizers: each on its own
+      state["loss_scales"] = {
+          n: v for n, v in state["loss_scales"].items()
+          if any(k.startswith(f"loss_scales/{n}/") for k in keys)}
+      if len(state["loss_scales"]) < len(self._state["loss_scales"]):
+        logging.info("checkpoint %s lacks some optimizers' loss scales "
+                     "(written under another precision.policy): they start "
+                     "from the initial scale", path)
     return tf.train.Checkpoint(**state)
 
   @property

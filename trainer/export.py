@@ -143,7 +143,7 @@ class _Evaluation:
     for batch in self.dataset.as_numpy_iterator():
       try:
         outputs = model(batch[0], training=False)
-      except Exception as e:  # pylint: disable=broad-except
+      except (ValueError, TypeError) as e:  # Keras: the input does not fit
         raise ConfigError(
             f"export runs the task's main model ({model.name!r}, the first "
             "that build_model() returns) on eval_data()'s x and compares "

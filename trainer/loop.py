@@ -105,7 +105,9 @@ class Trainer:
                           loss and make_compute_loss(resolve_loss(loss)))
     self.optimizers, aliases = prepare_optimizers(optimizer, self.models,
                                                   self.strategy)
-    self.optimizer = next(iter(self.optimizers.values()))
+    main = next(iter(self.models))  # the main model's optimizer, else the first
+    self.optimizer = self.optimizers.get(
+        main, next(iter(self.optimizers.values())))
     with self.strategy.scope():
       make = metrics if callable(metrics) else lambda: [
           _clone_metric(m) for m in metrics]

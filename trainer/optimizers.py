@@ -167,10 +167,10 @@ def prepare_optimizers(optimizer, models: dict[str, keras.Model],
       optimizer}; a model without one is not trained.
     models: {name: model}, built under `strategy.scope()`.
 
-  Returns ({name: optimizer}, {id(object given): name}): the optimizers
+  Returns ({name: optimizer}, [(object given, name)]): the optimizers
   re-created inside the scope if made outside it, wrapped in a
   LossScaleOptimizer under mixed_float16 and built on their model's
-  trainable variables (DESIGN.md fact 1); and what names each given one.
+  trainable variables (DESIGN.md fact 1); and the name of each given one.
 
   Raises:
     ConfigError: a name that is not a model's.
@@ -182,10 +182,10 @@ def prepare_optimizers(optimizer, models: dict[str, keras.Model],
     raise ConfigError(f"an optimizer for {unknown[0]!r}, which is not a "
                       f"model; the models are {sorted(models)}")
   policy = keras.mixed_precision.dtype_policy().name
-  prepared, aliases = {}, {}
+  prepared, aliases = {}, []
   with strategy.scope():
     for name, opt in given.items():
-      aliases[id(opt)] = name
+      aliases.append((opt, name))
       if getattr(opt, "_distribution_strategy", None) is not strategy:
         opt = opt.__class__.from_config(opt.get_config())
       opt = precision.wrap_optimizer(opt, policy)

@@ -194,7 +194,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   try:
     return _restore_and_train(config, workdir, trainer, eval_fn, callbacks,
                               train=train, saved=saved, testing=testing,
-                              allow_config_change=allow_config_change)
+                              allow_config_change=allow_config_change,
+                              config_optimizer=not hasattr(task,
+                                                           "build_optimizer"))
   finally:
     if trainer.watchdog:
       trainer.watchdog.close()
@@ -204,9 +206,12 @@ def _restore_and_train(config: ml_collections.ConfigDict,
                        workdir: str | None, trainer: Trainer, eval_fn,
                        callbacks: list, *, train: task_lib.Examples,
                        saved: dict | None, testing: bool,
-                       allow_config_change: bool) -> RunResult:
+                       allow_config_change: bool,
+                       config_optimizer: bool) -> RunResult:
   """Restores the latest checkpoint, writes config.json (the first write to
-  the workdir: every check has passed), trains, reports."""
+  the workdir: every check has passed), trains, reports. With
+  `config_optimizer` (the optimizer is `optimizer.*`'s, not the task's own),
+  a changed `optimizer.learning_rate` wins over the checkpoint's."""
   checkpointer = None
   chief, model = trainer.is_chief, trainer.model
   if workdir and not testing:
@@ -228,8 +233,8 @@ def _restore_and_train(config: ml_collections.ConfigDict,
       checkpointer.close()  # a worker's scratch directory
       raise
     new_lr = float(config.optimizer.learning_rate)
-    if (saved and config.optimizer.schedule == "constant" and
-        saved.get("optimizer.learning_rate") != new_lr):
+    if (saved and config_optimizer and config.optimizer.schedule == "constant"
+        and saved.get("optimizer.learning_rate") != new_lr):
       # The checkpoint holds the old rate; a changed config wins over it.
       inner = getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer)
       inner.learning_rate = new_lr

@@ -34,6 +34,14 @@ from trainer.step import (all_reduce_sum, average_statistics, pad_empty,
 from trainer.update import OptimizerUpdate
 
 
+# Log names the trainer writes itself (and their `<name>/...` forms); a
+# train_step may return `loss`, which replaces the sum of the applied losses.
+RESERVED_LOGS = frozenset((
+    "loss_sum", "steps", "examples", "examples_per_sec", "step_time",
+    "skipped_steps", "learning_rate", "grad_norm", "loss_scale", "sparsity",
+    "loop_loss"))
+
+
 class _Applied(NamedTuple):
   """One `step.apply` call, recorded while `train_step` runs."""
   name: str  # the optimizer's name
@@ -60,14 +68,14 @@ class StepContext:
   """
 
   def __init__(self, *, models: dict, updates: dict[str, OptimizerUpdate],
-               aliases: dict, global_count, count, row_offset, step, seed: int,
-               num_replicas: int):
+               aliases: list, global_count, count, rows, row_offset, step,
+               seed: int, num_replicas: int):
     self.models = models
     self.optimizers = {n: u.optimizer for n, u in updates.items()}
     self._updates, self._aliases = updates, aliases
     self.global_count, self.count, self.step = global_count, count, step
     self.num_replicas = num_replicas
-    self._row_offset, self._seed = row_offset, seed
+    self._rows, self._row_offset, self._seed = rows, row_offset, seed
     self.applied: list[_Applied] = []
 
   def mean(self, per_example_loss, model=None) -> tf.Tensor:
@@ -87,6 +95,12 @@ class StepContext:
           "train_step: step.mean() takes one value per example (shape "
           f"[batch]), got shape {values.shape}; for a Keras loss use "
           "reduction='none'")
+    rows = self._rows
+    if isinstance(rows, int) and values.shape[0] not in (None, rows):
+      raise ConfigError(
+          f"train_step: step.mean() got {values.shape[0]} values for a batch "
+          f"of {rows} examples; it takes one value per example of the batch "
+          "(average each part with its own step.mean and add them)")
     mean = tf.reduce_sum(tf.cast(values, tf.float32)[:self.count]
                         ) / self.global_count
     if model is not None and model.losses:
@@ -102,7 +116,7 @@ class StepContext:
             f"that name; the task's optimizers are {sorted(self._updates)} "
             "(build_optimizer() returns one per model it trains)")
       return optimizer
-    name = self._aliases.get(id(optimizer))
+    name = next((n for o, n in self._aliases if o is optimizer), None)
     if name is None:
       raise ConfigError(
           f"train_step: step.apply() got {type(optimizer).__name__}, which "
@@ -167,13 +181,25 @@ class StepContext:
     example of the global batch: the same numbers for an example whatever
     the number of replicas (stateless, seeded by the trainer's seed and the
     global step)."""
-    rows = tf.shape(tf.nest.flatten(self._batch)[0])[0]
+    rows = self._rows  # max(count, 1)
     total = tf.cast(self.global_count, tf.int32) + 1  # + an empty one's row
     noise = tf.random.stateless_normal(
         tf.concat([[total], tf.constant(shape, tf.int32)], 0),
         seed=tf.stack([tf.constant(self._seed, tf.int64), self.step]),
         dtype=dtype)
     return noise[self._row_offset:self._row_offset + rows]
+
+
+def _rows(batch):
+  """The rows of a batch: a Python int when static, else a scalar tensor."""
+  first = tf.nest.flatten(batch)[0]
+  return first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
+
+
+def _gradients(tape, loss, variables) -> list:
+  grads = tape.gradient(loss, variables)
+  return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+          for g, v in zip(grads, variables)]
 
 
 class CustomStep:
@@ -186,7 +212,7 @@ class CustomStep:
     models: {name: keras.Model} built under `strategy.scope()`.
     optimizers: {model name: optimizer} built under the scope on that
       model's trainable variables.
-    aliases: {id(object): name}: more objects that name an optimizer (the
+    aliases: [(object, name)]: more objects that name an optimizer (the
       task's own, before it was wrapped or re-created in the scope).
     strategy, global_clipnorm, jit_compile, after_update: as for TrainStep
       (each optimizer's reduced gradient is clipped to global_clipnorm).
@@ -196,7 +222,7 @@ class CustomStep:
   updates_metrics = False  # train logs are what train_step returns
 
   def __init__(self, *, train_step: Callable, models: dict, optimizers: dict,
-               strategy: tf.distribute.Strategy, aliases: dict | None = None,
+               strategy: tf.distribute.Strategy, aliases: list | None = None,
                global_clipnorm: float = 0.0, jit_compile: bool = False,
                seed: int = 0,
                after_update: Callable[[tf.Tensor], None] | None = None):
@@ -204,10 +230,9 @@ class CustomStep:
     self.updates = {name: OptimizerUpdate(opt, models[name].trainable_variables,
                                           strategy, global_clipnorm)
                     for name, opt in optimizers.items()}
-    self._aliases = dict(aliases or {})
+    self._aliases = list(aliases or ())  # (object, name), matched by `is`
     for name, update in self.updates.items():
-      self._aliases[id(update.optimizer)] = name
-      self._aliases[id(update.inner)] = name
+      self._aliases += [(update.optimizer, name), (update.inner, name)]
     self._seed, self._after_update = int(seed), after_update
     with strategy.scope():
       self.global_step = tf.Variable(
@@ -249,10 +274,10 @@ class CustomStep:
     ctx = StepContext(models=self.models, updates=self.updates,
                       aliases=self._aliases, global_count=global_count,
                       count=count, row_offset=row_offset,
+                      rows=_rows(padded),
                       step=tf.convert_to_tensor(self.global_step),
                       seed=self._seed,
                       num_replicas=self.strategy.num_replicas_in_sync)
-    ctx._batch = padded  # pylint: disable=protected-access
     logs = self._train_step(padded, ctx)
     if logs is None:
       logs = {}
@@ -261,6 +286,10 @@ class CustomStep:
                         "dict of scalars to log (or nothing)")
     out = {}
     for key, value in logs.items():
+      if str(key) in RESERVED_LOGS or str(key).split("/")[0] in RESERVED_LOGS:
+        raise ConfigError(
+            f"train_step returned {key!r}, a name the trainer logs itself "
+            f"({', '.join(sorted(RESERVED_LOGS))}); rename it")
       value = tf.cast(value, tf.float32)
       if value.shape.rank != 0:
         raise ConfigError(f"train_step returned {key!r} of shape "
@@ -278,15 +307,22 @@ class CustomStep:
       logs, ctx = self._run_user_step(batch, global_count, count, row_offset)
     grads = []
     for applied in ctx.applied:
-      given = applied.loss is None
-      got = (applied.target if given else
-             tape.gradient(applied.target, applied.variables))
-      grads.append([tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-                    for g, v in zip(got, applied.variables)])
+      if applied.loss is None:  # given gradients
+        got = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+               for g, v in zip(applied.target, applied.variables)]
+      elif tf.get_static_value(applied.when):  # always applied
+        got = _gradients(tape, applied.target, applied.variables)
+      else:  # no backward pass for an update left out of this step
+        got = tf.cond(
+            applied.when,
+            lambda a=applied, t=tape: _gradients(t, a.target, a.variables),
+            lambda a=applied: [tf.zeros_like(v) for v in a.variables])
+      grads.append(list(got))
     del tape
     self._applied = [(a.name, a.variables) for a in ctx.applied]
     self._log_names = sorted(logs)
-    losses = [a.loss for a in ctx.applied if a.loss is not None]
+    losses = [tf.where(a.when, a.loss, 0.0) for a in ctx.applied
+              if a.loss is not None]
     total = tf.add_n(losses) if losses else tf.constant(0.0)
     whens = [tf.cast(a.when, tf.float32) for a in ctx.applied]
     return grads, total, whens, [logs[k] for k in self._log_names]
@@ -347,7 +383,7 @@ class CustomStep:
     sums = {"loss_sum": zero, "count": zero, "skipped": zero}
     sums.update({f"skipped/{n}": zero for n in names})
     sums.update({f"log/{k}": zero for k in logs if k != "loss"})
-    last = ({"grad_norm": zero} if len(names) == 1 else
+    last = ({"grad_norm": zero} if len(self.updates) == 1 else
             {f"grad_norm/{n}": zero for n in names})
     return {"sum": sums, "last": last}
 
@@ -375,7 +411,7 @@ class CustomStep:
     sums["loss_sum"] = logs.pop("loss", first(out["total"])) * count
     sums.update({f"log/{k}": v * count for k, v in logs.items()})
     norms = [first(n) for n in out["norm"]]
-    last = ({"grad_norm": norms[0]} if len(names) == 1 else
+    last = ({"grad_norm": norms[0]} if len(self.updates) == 1 else
             {f"grad_norm/{n}": v for n, v in zip(names, norms)})
     step = self.global_step.assign_add(1)
     if self._after_update is not None:
