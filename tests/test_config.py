@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from trainer import config as config_lib
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserError
 from trainer.run import run
 from trainer.workdir import check_resume_config, read_saved_config
 
@@ -88,3 +88,45 @@ def test_an_old_config_json_without_newer_keys_still_resumes(tmp_path):
   saved = read_saved_config(str(tmp_path))
   assert check_resume_config(str(tmp_path), config, saved, False) is not None
   config_lib.validate(config_lib.with_defaults(old))
+
+
+BAD_VALUES = [  # config overrides -> the one-line error (as the launcher prints)
+    ({"distribution.strategy": "bogus"}, "unknown distribution.strategy"),
+    ({"precision.policy": "float8"}, "unknown precision.policy"),
+    ({"data.name": "no_such_dataset"}, "unknown data.name"),
+    ({"model.name": "transformer"}, "unknown model.name"),
+    ({"distribution.strategy": "mirrored", "distribution.num_cpu_devices": 2,
+      "data.global_batch_size": 63}, "cannot be shared evenly"),
+    ({"train.steps": 0}, "train.steps must be a positive int"),
+    ({"data.global_batch_size": -8},
+     "data.global_batch_size must be a positive int"),
+    ({"optimizer.learning_rate": 0.0},
+     "optimizer.learning_rate must be a positive float"),
+    ({"train.nosuch": 1}, "unknown config key 'train.nosuch'"),
+    ({"train.stpes": 5}, "did you mean 'train.steps'?"),
+    ({"optimizer.schedule": "step"}, "needs optimizer.decay_steps"),
+    ({"callbacks.early_stopping.mode": "up"},
+     "unknown callbacks.early_stopping.mode"),
+    ({"data.global_batch_size": 1600}, "larger than the 1497 training examples"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_VALUES,
+                         ids=[m for _, m in BAD_VALUES])
+def test_a_bad_value_is_one_error_line_before_anything_is_written(
+    overrides, message, tmp_path):
+  """The same path as `launch.train` (tests/test_launch_train.py runs some
+  of these through it), in-process: a UserError whose message is one line
+  naming the key, and no workdir."""
+  from configs import digits  # pylint: disable=import-outside-toplevel
+  config = digits.get_config()
+  for key, value in overrides.items():
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[last] = value
+  with pytest.raises(UserError) as e:
+    run(config, str(tmp_path / "run"))
+  assert message in str(e.value) and "\n" not in str(e.value)
+  assert not (tmp_path / "run").exists()

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import trainer  # registers trainer.layers for keras.models.load_model
 from configs import digits
-from conftest import run_module
+from conftest import run_module, run_modules
 from trainer import export as export_lib
 from trainer import export_formats, layers, models
 from trainer import restore as restore_lib
@@ -311,19 +311,33 @@ def test_launcher_exports_and_prints_the_table(workdir, tmp_path):
   assert sorted(report["formats"]) == ["keras", "tflite_int8"]
 
 
+LAUNCHER_BAD_INPUT = {  # message -> launch.export arguments
+    "does not exist": ["--workdir=MISSING"],
+    "unknown export format": ["--workdir=RUN", "--formats=keras,onnx"],
+    "must be a positive": ["--workdir=RUN", "--representative_batches=0"],
+    "--workdir is required": [],
+}
+
+
+@pytest.fixture(scope="module")
+def launcher_bad_input_runs(workdir, tmp_path_factory) -> dict:
+  """Every LAUNCHER_BAD_INPUT case, several at once: {message:
+  (CompletedProcess, the run it was given)}."""
+  jobs, runs = {}, {}
+  for message, args in LAUNCHER_BAD_INPUT.items():
+    folder = tmp_path_factory.mktemp("export_bad_input")
+    runs[message] = copy_run(workdir, folder / "run")
+    args = [a.replace("MISSING", str(folder / "missing")).replace(
+        "RUN", str(runs[message])) for a in args]
+    jobs[message] = (("launch.export", *args), {"timeout": 180})
+  return {k: (proc, runs[k]) for k, proc in run_modules(jobs).items()}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("args,message", [
-    (["--workdir=MISSING"], "does not exist"),
-    (["--workdir=RUN", "--formats=keras,onnx"], "unknown export format"),
-    (["--workdir=RUN", "--representative_batches=0"], "must be a positive"),
-    ([], "--workdir is required"),
-])
-def test_launcher_bad_input_is_one_line_and_exit_2(args, message, workdir,
-                                                   tmp_path):
-  run = copy_run(workdir, tmp_path / "run")
-  args = [a.replace("MISSING", str(tmp_path / "missing")).replace(
-      "RUN", str(run)) for a in args]
-  proc = run_module("launch.export", *args, timeout=120)
+@pytest.mark.parametrize("message", LAUNCHER_BAD_INPUT)
+def test_launcher_bad_input_is_one_line_and_exit_2(message,
+                                                   launcher_bad_input_runs):
+  proc, run = launcher_bad_input_runs[message]
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and message in last, proc.stderr[-2000:]

@@ -6,6 +6,7 @@ the model's own inputs and outputs; each format is evaluated with the task's
 metrics; a format that cannot apply is skipped with its reason.
 """
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -107,13 +108,21 @@ print(json.dumps({{
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def example_runs(tmp_path_factory) -> dict:
+  """Every example config trained and exported, side by side: {name:
+  (workdir, export process, report)}."""
+  workdirs = {n: tmp_path_factory.mktemp(n) / "run" for n in EXAMPLES}
+  with concurrent.futures.ThreadPoolExecutor(len(EXAMPLES)) as pool:
+    futures = {n: pool.submit(train_and_export, f"configs/{n}.py",
+                              workdirs[n]) for n in EXAMPLES}
+    return {n: (workdirs[n], *f.result()) for n, f in futures.items()}
+
+
 @pytest.fixture(scope="module", params=list(EXAMPLES))
-def example(request, tmp_path_factory):
+def example(request, example_runs):
   """(name, workdir, export process, report) of one example config."""
-  name = request.param
-  workdir = tmp_path_factory.mktemp(name) / "run"
-  proc, report = train_and_export(f"configs/{name}.py", workdir)
-  return name, workdir, proc, report
+  return (request.param, *example_runs[request.param])
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from configs import digits
-from conftest import ROOT, run_module
+from conftest import ROOT, run_module, run_modules
 from trainer import data as data_lib
 from trainer.callbacks import TrainerCallback, read_metrics
 from trainer.errors import ConfigError, TrainingDiverged
@@ -68,10 +68,14 @@ def test_sigkill_at_a_random_step_then_restart_is_bit_identical(tmp_path):
   kill_at = random.Random().choice([s for s in range(10, 111, 10)
                                     if s % 30])
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  assert run_module("launch.train", *EXACT, f"--workdir={straight}",
-                    env=HELPERS).returncode == 0
-  proc = run_module("launch.train", *EXACT, f"--workdir={killed}",
-                    env={**HELPERS, "KILL_AT_STEP": str(kill_at)})
+  runs = run_modules({  # side by side
+      "straight": (("launch.train", *EXACT, f"--workdir={straight}"),
+                   {"env": HELPERS}),
+      "killed": (("launch.train", *EXACT, f"--workdir={killed}"),
+                 {"env": {**HELPERS, "KILL_AT_STEP": str(kill_at)}})},
+                     processes=2)
+  assert runs["straight"].returncode == 0, runs["straight"].stderr[-3000:]
+  proc = runs["killed"]
   assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr[-2000:])
   again = run_module("launch.train", *EXACT, f"--workdir={killed}",
                      env=HELPERS)

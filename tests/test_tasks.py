@@ -1,4 +1,4 @@
-"""Users' own experiments (trainer/task.py) through the launcher: the three
+"""Users' own experiments (trainer/task.py) through the launcher: the
 examples in configs/ on 2 replicas, exact resume after SIGKILL, a task file
 outside the repository, and every kind of broken task as one error line
 with nothing written."""
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, run_module
+from conftest import ROOT, run_module, run_modules
 from trainer.callbacks import read_metrics
 from trainer.config import default_config
 from trainer.errors import ConfigError, DataError
@@ -23,7 +23,7 @@ from trainer.run import run
 HELPERS = {"PYTHONPATH": os.path.join(ROOT, "tests", "helpers")}
 EXAMPLES = {  # config -> (overrides, a train/ key its metrics log)
     "custom_dense": ([], "train/accuracy"),
-    "regression": (["--config.train.steps=30"], "train/r2"),
+    # regression's data path (arrays, an MLP) is custom_dense's: not repeated
     "sequence": (["--config.train.steps=30"], "train/accuracy"),
     # two models, two optimizers, alternating updates (test_custom_step.py)
     "gan": (["--config.train.steps=30"], "train/g_loss"),
@@ -51,15 +51,18 @@ def test_example_on_2_replicas_resumes_bit_identically_after_sigkill(
            "--config.callbacks.progress_bar=False",
            "--config.callbacks.custom=recorder:KillAt"]
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  done = run_module("launch.train", *flags, f"--workdir={straight}",
-                    env=HELPERS)
+  # The straight run and the one killed at step 15, side by side.
+  runs = run_modules({
+      "straight": (("launch.train", *flags, f"--workdir={straight}"),
+                   {"env": HELPERS}),
+      "killed": (("launch.train", *flags, f"--workdir={killed}"),
+                 {"env": {**HELPERS, "KILL_AT_STEP": "15"}})}, processes=2)
+  done, proc = runs["straight"], runs["killed"]
   assert done.returncode == 0, done.stderr[-3000:]
   assert done.stdout.splitlines()[-1].startswith("done: ")
   assert "2 replica(s)" in done.stderr
   assert metric in read_metrics(straight)[-1] or any(
       metric in r for r in read_metrics(straight))
-  proc = run_module("launch.train", *flags, f"--workdir={killed}",
-                    env={**HELPERS, "KILL_AT_STEP": "15"})
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   again = run_module("launch.train", *flags, f"--workdir={killed}",
                      env=HELPERS)
