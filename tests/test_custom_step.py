@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_module
+from conftest import run_modules
 from trainer.callbacks import read_metrics
 from trainer.errors import ConfigError
 from trainer.loop import Trainer
@@ -276,25 +276,37 @@ def test_example_on_two_replicas_equals_one_device(name, tmp_path, policy):
                              rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def two_worker_runs(tmp_path_factory) -> dict:
+  """Both examples as 2-worker jobs on localhost, side by side: {name:
+  (CompletedProcess, workdir)}."""
+  jobs, workdirs = {}, {}
+  for name in ("gan", "distillation"):
+    workdirs[name] = tmp_path_factory.mktemp(name)
+    flags = [f"--config=configs/{name}.py", "--config.train.steps=40",
+             "--config.train.steps_per_loop=10",
+             "--config.train.steps_per_epoch=20",
+             "--config.user.teacher_epochs=2" if name == "distillation"
+             else "--config.user.latent_dim=8",
+             "--config.callbacks.progress_bar=False"]
+    jobs[name] = (("launch.local", "--num_workers=2", "--", *flags,
+                   f"--workdir={workdirs[name]}"), {"timeout": 300})
+  runs = run_modules(jobs, processes=2)
+  return {n: (runs[n], workdirs[n]) for n in jobs}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gan", "distillation"])
-def test_example_trains_on_two_workers(name, tmp_path):
-  flags = [f"--config=configs/{name}.py", "--config.train.steps=40",
-           "--config.train.steps_per_loop=10",
-           "--config.train.steps_per_epoch=20",
-           "--config.user.teacher_epochs=2" if name == "distillation" else
-           "--config.user.latent_dim=8",
-           "--config.callbacks.progress_bar=False"]
-  job = run_module("launch.local", "--num_workers=2", "--", *flags,
-                   f"--workdir={tmp_path}", timeout=300)
+def test_example_trains_on_two_workers(name, two_worker_runs):
+  job, workdir = two_worker_runs[name]
   assert job.returncode == 0, job.stderr[-3000:]
   assert "[worker 0] done: 40 steps" in job.stdout
   assert "2 replica(s)" in job.stderr
-  last = [r for r in read_metrics(tmp_path) if "train/loss" in r][-1]
+  last = [r for r in read_metrics(workdir) if "train/loss" in r][-1]
   keys = (("train/d_loss", "train/g_loss", "train/grad_norm/generator")
           if name == "gan" else ("train/soft_loss", "train/label_loss"))
   assert set(keys) <= set(last)
   assert all(np.isfinite(v) for v in last.values())
-  saved = _checkpoint(tmp_path)
+  saved = _checkpoint(workdir)
   model = "discriminator" if name == "gan" else "teacher"
   assert any(k.startswith(f"models/{model}/") for k in saved)

@@ -173,13 +173,25 @@ def test_bad_config_file_is_one_line_and_exit_2(config_arg, message, tmp_path):
   assert last.startswith("error: ") and message in last
 
 
-@pytest.mark.parametrize("line", ["c.train.stpes = 5",
-                                  "c.optimzer = {'name': 'sgd'}"])
-def test_a_typo_in_a_config_file_is_one_line_and_exit_2(line, tmp_path):
-  workdir = tmp_path / "run"
-  proc = run_module("launch.train",
-                    f"--config={write_config_file(tmp_path, line)}",
-                    f"--workdir={workdir}", timeout=120)
+@pytest.fixture(scope="module")
+def typo_runs(tmp_path_factory) -> dict:
+  """A config file with each typo through the launcher, side by side:
+  {line: (CompletedProcess, workdir)}."""
+  jobs, workdirs = {}, {}
+  for line in TYPO_LINES:
+    folder = tmp_path_factory.mktemp("typo")
+    workdirs[line] = folder / "run"
+    jobs[line] = (("launch.train", f"--config={write_config_file(folder, line)}",
+                   f"--workdir={workdirs[line]}"), {"timeout": 120})
+  return {k: (proc, workdirs[k]) for k, proc in run_modules(jobs).items()}
+
+
+TYPO_LINES = ["c.train.stpes = 5", "c.optimzer = {'name': 'sgd'}"]
+
+
+@pytest.mark.parametrize("line", TYPO_LINES)
+def test_a_typo_in_a_config_file_is_one_line_and_exit_2(line, typo_runs):
+  proc, workdir = typo_runs[line]
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1] == f"error: {TYPOS[line]}"
   assert not workdir.exists()
@@ -188,19 +200,23 @@ def test_a_typo_in_a_config_file_is_one_line_and_exit_2(line, tmp_path):
 def test_user_keys_come_from_the_config_file_and_the_command_line(tmp_path):
   config = write_config_file(
       tmp_path, "c.user.declared = 1; c.user.model = {'heads': 2}")
-  proc = run_module("launch.train", f"--config={config}", "--testing",
-                    f"--workdir={tmp_path / 'run'}", "--config.user.declared=7",
-                    "--config.user.model.heads=8", "--config.user.new=abc",
-                    "--config.user.nested={'k': (1, 2)}", timeout=120)
+  runs = run_modules({  # side by side
+      "keys": (("launch.train", f"--config={config}", "--testing",
+                f"--workdir={tmp_path / 'run'}", "--config.user.declared=7",
+                "--config.user.model.heads=8", "--config.user.new=abc",
+                "--config.user.nested={'k': (1, 2)}"), {"timeout": 120}),
+      "no_section": (("launch.train", f"--config={config}", "--testing",
+                      f"--workdir={tmp_path / 'run2'}",
+                      "--config.user.sub.x=5"), {"timeout": 120})},
+                     processes=2)
+  proc = runs["keys"]
   assert proc.returncode == 0, proc.stderr[-2000:]
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert sorted(os.listdir(tmp_path)) == ["my_config.py", "run"]  # no probe
   assert saved["user"] == {"declared": 7, "model": {"heads": 8}, "new": "abc",
                            "nested": {"k": [1, 2]}}
   # A key in a new nested section: its section must exist first.
-  proc = run_module("launch.train", f"--config={config}", "--testing",
-                    f"--workdir={tmp_path / 'run2'}", "--config.user.sub.x=5",
-                    timeout=120)
+  proc = runs["no_section"]
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: --config.user.sub.x=5: there is no section 'user.sub' to add a "
@@ -246,9 +262,11 @@ def test_a_workdir_that_cannot_be_written_is_one_line_and_exit_2(
 
 
 def test_testing_mode_refuses_a_workdir_that_holds_a_run(tmp_path):
-  assert run_module("launch.train", "--config=configs/digits.py",
-                    f"--workdir={tmp_path}", "--config.train.steps=20"
-                    ).returncode == 0
+  from configs import digits  # pylint: disable=import-outside-toplevel
+  from trainer.run import run  # pylint: disable=import-outside-toplevel
+  config = digits.get_config()
+  config.train.steps, config.callbacks.progress_bar = 20, False
+  run(config, str(tmp_path))  # a run in the workdir (trained in-process)
   before = (tmp_path / "metrics.jsonl").read_text()
   proc = run_module("launch.train", "--config=configs/digits.py", "--testing",
                     f"--workdir={tmp_path}")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, run_module
+from conftest import ROOT, run_module, run_modules
 from trainer.callbacks import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -38,13 +38,15 @@ def _variables(workdir) -> dict[str, np.ndarray]:
 def test_two_workers_train_like_two_mirrored_replicas_in_one_process(
     tmp_path):
   workers, mirrored = tmp_path / "workers", tmp_path / "mirrored"
-  job = run_module("launch.local", "--num_workers=2", "--", *SMALL,
-                   f"--workdir={workers}", timeout=240)
+  runs = run_modules({  # side by side
+      "job": (("launch.local", "--num_workers=2", "--", *SMALL,
+               f"--workdir={workers}"), {"timeout": 240}),
+      "one": (("launch.train", *SMALL, f"--workdir={mirrored}",
+               "--config.distribution.strategy=mirrored",
+               "--config.distribution.num_cpu_devices=2"), {})}, processes=2)
+  job, one = runs["job"], runs["one"]
   assert job.returncode == 0, job.stderr[-3000:]
   assert "MultiWorkerMirroredStrategy: 2 replica(s)" in job.stderr
-  one = run_module("launch.train", *SMALL, f"--workdir={mirrored}",
-                   "--config.distribution.strategy=mirrored",
-                   "--config.distribution.num_cpu_devices=2")
   assert one.returncode == 0, one.stderr[-3000:]
   want, got = _variables(mirrored), _variables(workers)
   assert sorted(got) == sorted(want) and len(want) > 10

@@ -86,13 +86,15 @@ def test_sequence_example_trains_on_two_workers_like_two_replicas(tmp_path):
            "--config.train.steps_per_loop=10",
            "--config.train.deterministic=True",
            "--config.callbacks.progress_bar=False"]
-  job = run_module("launch.local", "--num_workers=2", "--", *flags,
-                   f"--workdir={tmp_path / 'workers'}", timeout=300)
+  runs = run_modules({  # side by side
+      "job": (("launch.local", "--num_workers=2", "--", *flags,
+               f"--workdir={tmp_path / 'workers'}"), {"timeout": 300}),
+      "one": (("launch.train", *flags, f"--workdir={tmp_path / 'one'}",
+               "--config.distribution.strategy=mirrored",
+               "--config.distribution.num_cpu_devices=2"), {})}, processes=2)
+  job, one = runs["job"], runs["one"]
   assert job.returncode == 0, job.stderr[-3000:]
   assert "[worker 0] done: 40 steps" in job.stdout
-  one = run_module("launch.train", *flags, f"--workdir={tmp_path / 'one'}",
-                   "--config.distribution.strategy=mirrored",
-                   "--config.distribution.num_cpu_devices=2")
   assert one.returncode == 0, one.stderr[-3000:]
   want, got = _variables(tmp_path / "one"), _variables(tmp_path / "workers")
   assert sorted(got) == sorted(want)
