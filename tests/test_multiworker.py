@@ -5,6 +5,7 @@ nothing left running, and bad cluster input is one clear line."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -145,17 +146,17 @@ def test_a_stuck_worker_is_ended_by_its_watchdog_within_the_bound(tmp_path):
   """Worker 1 stays alive but never reaches the next all-reduce (a deadlock
   in user code): heartbeats go on, so only the per-process watchdog on
   host-loop progress (distribution.collective_timeout) can end the job."""
-  proc = _start_job(tmp_path, "--config.distribution.collective_timeout=15",
+  proc = _start_job(tmp_path, "--config.distribution.collective_timeout=8",
                     "--config.callbacks.custom=recorder:HangAt",
                     env={"HANG_WORKER": "1", "HANG_AT_STEP": "60"})
   _, err, seconds, left = _disrupt(proc, tmp_path)
   assert proc.returncode == 1, err[-3000:]
   assert "exited with status 4; stopping the other workers" in err, (
       err[-3000:])
-  assert "made no progress for 1" in err, err[-3000:]  # 15 s, 16 s, ...
+  assert re.search(r"made no progress for \d+", err), err[-3000:]  # 8 s, 9 s
   assert "in the callbacks after step" in err or "in train steps" in err
   assert "recorder.py" in err  # the stuck worker's Python stack is shown
-  assert seconds < 15 + 40, seconds
+  assert seconds < 8 + 40, seconds
   last = read_metrics(tmp_path)[-1]["step"]
   assert last <= 60 + 20  # nobody trained past the stuck step's next loop
   assert not left
