@@ -1,4 +1,4 @@
-"""A 2-worker job with the default config trains for 20 s with a flat
+"""A 2-worker job with the default config trains for 15 s with a flat
 thread count and memory in every worker, then SIGTERM saves and exits 75.
 
 It used to die after ~20 s: a collective timeout kept one OS thread alive
@@ -18,7 +18,7 @@ from test_multiworker import _worker_pids
 
 pytestmark = pytest.mark.slow
 
-TRAIN_SECONDS = 20  # the leak below: ~18,000 threads by then, if alive
+TRAIN_SECONDS = 15  # the leak below: ~13,000 threads by then, if alive
 SAMPLE_EVERY = 5
 
 
