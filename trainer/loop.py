@@ -27,7 +27,7 @@ from trainer.predict import Predictor
 from trainer.pruning import Pruner, PruningSchedule
 from trainer.step import (ComputeLoss, TrainStep, float32_losses,
                           make_compute_loss, resolve_loss)
-from trainer.step_context import CustomStep
+from trainer.custom_step import CustomStep
 from trainer.strategy import is_chief, num_workers
 
 

@@ -1,0 +1,251 @@
+"""Runs a task's own `train_step(batch, step)` under a strategy
+(trainer/step_context.py has the `step` it gets): the same interface to the
+Trainer's loop as trainer/step.py's TrainStep, one update per optimizer.
+"""
+
+from typing import Callable
+
+import tensorflow as tf
+
+from trainer.errors import ConfigError
+from trainer.step import (all_reduce_sum, average_statistics, pad_empty,
+                          replica_statistics)
+from trainer.step_context import StepContext
+from trainer.update import OptimizerUpdate
+
+# Log names the trainer writes itself (and their `<name>/...` forms); a
+# train_step may return `loss`, which replaces the sum of the applied losses.
+RESERVED_LOGS = frozenset((
+    "loss_sum", "steps", "examples", "examples_per_sec", "step_time",
+    "skipped_steps", "learning_rate", "grad_norm", "loss_scale", "sparsity",
+    "loop_loss"))
+
+
+
+def _rows(batch):
+  """The rows of a batch: a Python int when static, else a scalar tensor."""
+  first = tf.nest.flatten(batch)[0]
+  return first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
+
+
+def _gradients(tape, loss, variables) -> list:
+  grads = tape.gradient(loss, variables)
+  return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+          for g, v in zip(grads, variables)]
+
+
+class CustomStep:
+  """Runs a task's `train_step(batch, step)` under a strategy, one update per
+  optimizer it applies; the same interface to the Trainer's loop as
+  trainer.step.TrainStep.
+
+  Args:
+    train_step: the task's `train_step(batch, step: StepContext) -> dict`.
+    models: {name: keras.Model} built under `strategy.scope()`.
+    optimizers: {model name: optimizer} built under the scope on that
+      model's trainable variables.
+    aliases: [(object, name)]: more objects that name an optimizer (the
+      task's own, before it was wrapped or re-created in the scope).
+    strategy, global_clipnorm, jit_compile, after_update: as for TrainStep
+      (each optimizer's reduced gradient is clipped to global_clipnorm).
+    seed: seeds `step.random_normal`.
+  """
+
+  updates_metrics = False  # train logs are what train_step returns
+
+  def __init__(self, *, train_step: Callable, models: dict, optimizers: dict,
+               strategy: tf.distribute.Strategy, aliases: list | None = None,
+               global_clipnorm: float = 0.0, jit_compile: bool = False,
+               seed: int = 0,
+               after_update: Callable[[tf.Tensor], None] | None = None):
+    self._train_step, self.models, self.strategy = train_step, models, strategy
+    self.updates = {name: OptimizerUpdate(opt, models[name].trainable_variables,
+                                          strategy, global_clipnorm)
+                    for name, opt in optimizers.items()}
+    self._aliases = list(aliases or ())  # (object, name), matched by `is`
+    for name, update in self.updates.items():
+      self._aliases += [(update.optimizer, name), (update.inner, name)]
+    self._seed, self._after_update = int(seed), after_update
+    with strategy.scope():
+      self.global_step = tf.Variable(
+          0, dtype=tf.int64, trainable=False, name="global_step",
+          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self._statistics = ([s for m in models.values()
+                         for s in replica_statistics(m)]
+                        if strategy.num_replicas_in_sync > 1 else [])
+    self._applied = None  # [(name, variables)] of the traced step
+    self._log_names = None  # sorted keys of the dict train_step returns
+    self._local = (tf.function(self._local_fn, jit_compile=True)
+                   if jit_compile else self._local_fn)
+
+  @property
+  def loss_scales(self) -> dict[str, tf.Variable]:
+    return {n: u.loss_scale for n, u in self.updates.items() if u.loss_scaled}
+
+  def _counts(self, batch) -> tuple:
+    """(global count float32, this replica's count, its first row in the
+    global batch); one small all-reduce only for a dynamic (partial) batch."""
+    first = tf.nest.flatten(batch)[0]
+    n_replicas = self.strategy.num_replicas_in_sync
+    ctx = tf.distribute.get_replica_context()
+    replica = ctx.replica_id_in_sync_group
+    if first.shape[0] is not None:
+      n = first.shape[0]
+      return (tf.constant(float(n * n_replicas)), tf.constant(n),
+              tf.cast(replica, tf.int32) * n)
+    n = tf.shape(first)[0]
+    counts = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                            tf.one_hot(replica, n_replicas) * tf.cast(
+                                n, tf.float32))
+    offset = tf.reduce_sum(counts[:replica])
+    return tf.reduce_sum(counts), n, tf.cast(offset, tf.int32)
+
+  def _run_user_step(self, batch, global_count, count, row_offset
+                    ) -> tuple[dict, StepContext]:
+    padded, _ = pad_empty(batch)
+    ctx = StepContext(models=self.models, updates=self.updates,
+                      aliases=self._aliases, global_count=global_count,
+                      count=count, row_offset=row_offset,
+                      rows=_rows(padded),
+                      step=tf.convert_to_tensor(self.global_step),
+                      seed=self._seed,
+                      num_replicas=self.strategy.num_replicas_in_sync)
+    logs = self._train_step(padded, ctx)
+    if logs is None:
+      logs = {}
+    if not isinstance(logs, dict):
+      raise ConfigError(f"train_step returned {type(logs).__name__}; return a "
+                        "dict of scalars to log (or nothing)")
+    out = {}
+    for key, value in logs.items():
+      if str(key) in RESERVED_LOGS or str(key).split("/")[0] in RESERVED_LOGS:
+        raise ConfigError(
+            f"train_step returned {key!r}, a name the trainer logs itself "
+            f"({', '.join(sorted(RESERVED_LOGS))}); rename it")
+      value = tf.cast(value, tf.float32)
+      if value.shape.rank != 0:
+        raise ConfigError(f"train_step returned {key!r} of shape "
+                          f"{value.shape}; logged values are scalars such as "
+                          "step.mean(per_example)")
+      out[str(key)] = value
+    if not ctx.applied:
+      raise ConfigError("train_step applied no update: call step.apply(loss, "
+                        "optimizer) for each optimizer it trains")
+    return out, ctx
+
+  def _local_fn(self, batch, global_count, count, row_offset):
+    """This replica's gradients (scaled), total loss, `when`s and logs."""
+    with tf.GradientTape(persistent=True) as tape:
+      logs, ctx = self._run_user_step(batch, global_count, count, row_offset)
+    grads = []
+    for applied in ctx.applied:
+      if applied.loss is None:  # given gradients
+        got = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+               for g, v in zip(applied.target, applied.variables)]
+      elif tf.get_static_value(applied.when):  # always applied
+        got = _gradients(tape, applied.target, applied.variables)
+      else:  # no backward pass for an update left out of this step
+        got = tf.cond(
+            applied.when,
+            lambda a=applied, t=tape: _gradients(t, a.target, a.variables),
+            lambda a=applied: [tf.zeros_like(v) for v in a.variables])
+      grads.append(list(got))
+    del tape
+    self._applied = [(a.name, a.variables) for a in ctx.applied]
+    self._log_names = sorted(logs)
+    losses = [tf.where(a.when, a.loss, 0.0) for a in ctx.applied
+              if a.loss is not None]
+    total = tf.add_n(losses) if losses else tf.constant(0.0)
+    whens = [tf.cast(a.when, tf.float32) for a in ctx.applied]
+    return grads, total, whens, [logs[k] for k in self._log_names]
+
+  def replica_step(self, batch, want_norm=True) -> dict:
+    """Replica context: the user's step, one all-reduce, then per optimizer
+    finiteness, unscale and clip (all values identical on replicas)."""
+    global_count, count, row_offset = self._counts(batch)
+    grads, total, whens, logs = self._local(batch, global_count, count,
+                                            row_offset)
+    sizes = [len(g) for g in grads]
+    flat = [g for group in grads for g in group] + [total] + whens + logs
+    n_replicas = self.strategy.num_replicas_in_sync
+    if n_replicas > 1:
+      flat = average_statistics(self._statistics, tf.cast(count, tf.float32),
+                                flat, all_reduce_sum)
+    out = {"grads": [], "finite": [], "norm": [], "when": [],
+           "count": global_count}
+    at = 0
+    for (name, _), size in zip(self._applied, sizes):
+      finished, finite, norm = self.updates[name].finish(flat[at:at + size],
+                                                         want_norm)
+      out["grads"].append(finished)
+      out["finite"].append(finite)
+      out["norm"].append(norm)
+      at += size
+    out["total"] = flat[at]
+    # An update is made only where every replica asked for it.
+    out["when"] = [w > n_replicas - 0.5
+                   for w in flat[at + 1:at + 1 + len(whens)]]
+    out["logs"] = flat[at + 1 + len(whens):]
+    return out
+
+  @property
+  def log_names(self) -> list[str]:
+    """The values train_step returns, but `loss` (known once traced)."""
+    return [k for k in self._log_names or () if k != "loss"]
+
+  def _names(self) -> tuple[list, list]:
+    return [n for n, _ in self._applied], self._log_names
+
+  def zero_outputs(self, element_spec) -> dict:
+    """The structure `__call__` returns, as zeros: traces (does not run) the
+    user's step once for its log names and applied optimizers."""
+    if self._applied is None:
+
+      def replica(batch):
+        counts = self._counts(batch)
+        logs, ctx = self._run_user_step(batch, *counts)
+        self._applied = [(a.name, a.variables) for a in ctx.applied]
+        self._log_names = sorted(logs)
+        return counts[0]
+
+      trace = tf.function(lambda b: self.strategy.run(replica, args=(b,)))
+      trace.get_concrete_function(element_spec)
+    names, logs = self._names()
+    zero = tf.constant(0.0)
+    sums = {"loss_sum": zero, "count": zero, "skipped": zero}
+    sums.update({f"skipped/{n}": zero for n in names})
+    sums.update({f"log/{k}": zero for k in logs if k != "loss"})
+    last = ({"grad_norm": zero} if len(self.updates) == 1 else
+            {f"grad_norm/{n}": zero for n in names})
+    return {"sum": sums, "last": last}
+
+  def __call__(self, batch, want_norm=True) -> dict:
+    """One step in cross-replica context; see TrainStep.__call__. Adds
+    `skipped/<optimizer>` and `log/<name>` (value x count) to the sums,
+    and `grad_norm/<optimizer>` (several optimizers) to the last values."""
+    out = self.strategy.run(self.replica_step, args=(batch, want_norm))
+    first = lambda t: self.strategy.experimental_local_results(t)[0]
+    names, log_names = self._names()
+    count = first(out["count"])
+    sums = {"count": count}
+    any_skipped = tf.constant(0.0)
+    for i, (name, variables) in enumerate(self._applied):
+      update = self.updates[name]
+      grads, finite = out["grads"][i], first(out["finite"][i])
+      skipped = tf.cond(first(out["when"][i]),
+                        lambda u=update, g=grads, f=finite, v=variables:
+                        u.apply(g, f, v),
+                        lambda: tf.constant(0.0))
+      sums[f"skipped/{name}"] = skipped
+      any_skipped = tf.maximum(any_skipped, skipped)
+    sums["skipped"] = any_skipped
+    logs = dict(zip(log_names, [first(v) for v in out["logs"]]))
+    sums["loss_sum"] = logs.pop("loss", first(out["total"])) * count
+    sums.update({f"log/{k}": v * count for k, v in logs.items()})
+    norms = [first(n) for n in out["norm"]]
+    last = ({"grad_norm": norms[0]} if len(self.updates) == 1 else
+            {f"grad_norm/{n}": v for n, v in zip(names, norms)})
+    step = self.global_step.assign_add(1)
+    if self._after_update is not None:
+      self._after_update(step)
+    return {"sum": sums, "last": last}
