@@ -9,9 +9,9 @@ Sources (`data.name`):
 
 Every source yields unbatched `(image float32 [H, W, C] in [0, 1], label int32)`.
 `input_fn` turns one into a function of `tf.distribute.InputContext` for
-`strategy.distribute_datasets_from_function`: seeded shuffle, per-replica
-batches, then batch-level sharding across input pipelines (workers), so the
-k-th global batch holds the same examples whatever the replica layout.
+`strategy.distribute_datasets_from_function`: training data is split across
+input pipelines (workers) by file before anything decodes it, then shuffled
+and cut into per-replica batches; eval batches are split across pipelines.
 """
 
 import dataclasses
@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer import file_shard
 from trainer.errors import ConfigError, DataError
 
 DIGITS_EVAL_EXAMPLES = 300
@@ -153,9 +154,14 @@ def input_fn(examples: tf.data.Dataset, *, global_batch_size: int,
             ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
   """A dataset function for `strategy.distribute_datasets_from_function`.
 
-  Training: shuffled with `seed` (reshuffled each epoch), repeated, full
-  batches only; `start_step` skips the batches of the steps already taken
-  (reading them: O(start_step); in-memory sources use `stream_input_fn`).
+  Training: each input pipeline (worker) takes its own share of the
+  examples, by file where it can (`file_shard.shard_by_file`), then
+  shuffles it with `seed` (reshuffled each epoch), repeats, and cuts full
+  per-replica batches; `start_step` skips the batches of the steps already
+  taken (reading them: O(start_step); in-memory sources use
+  `stream_input_fn`). In one process the k-th global batch is the same
+  examples for any number of replicas; with P workers it is made of the P
+  workers' own batches, so it differs from one process's.
   Eval: one pass in order, the last batch partial, so every example is seen
   exactly once.
   """
@@ -163,11 +169,13 @@ def input_fn(examples: tf.data.Dataset, *, global_batch_size: int,
   def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
     per_replica = ctx.get_per_replica_batch_size(global_batch_size)
     ds = examples
-    if training:
+    if training:  # each pipeline reads its own files (trainer/file_shard.py)
+      ds = file_shard.shard_by_file(ds, ctx.num_input_pipelines,
+                                    ctx.input_pipeline_id)
       ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
       ds = ds.repeat()
     ds = ds.batch(per_replica, drop_remainder=training)
-    if ctx.num_input_pipelines > 1:
+    if ctx.num_input_pipelines > 1 and not training:
       ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
     if start_step:
       ds = ds.skip(start_step * ctx.num_replicas_in_sync //
