@@ -97,8 +97,12 @@ def test_seed_loop_as_fit_epochs_on_2_replicas_equals_the_seed(
   assert len(history.history["loss"]) == EPOCHS
   assert [e for e, _, _ in callback.seen] == list(range(EPOCHS))
   assert int(trainer.global_step.numpy()) == EPOCHS * 4
+  # mixed_float16: on a CPU with AVX512-FP16 (oneDNN's native float16
+  # kernels) 5 of 640 weights of one hidden unit drift by up to 0.043 over
+  # 40 Adam steps of 1e-2 (Adam moves a weight ~lr per step whatever the
+  # sign of a near-zero gradient); 0.02 held on CPUs without it.
   tol = ({"rtol": 1e-5, "atol": 1e-5} if policy == "float32" else
-         {"rtol": 0.05, "atol": 0.02})
+         {"rtol": 0.05, "atol": 0.06})
   np.testing.assert_allclose(history.history["loss"], want_losses, **tol)
   for got, want in zip(trainer.model.get_weights(), want_weights):
     np.testing.assert_allclose(got, want, **tol)
