@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import run_modules
-from tests.helpers import tfrecord_task
-from trainer import file_shard
+from tests.helpers import image_files, tfrecord_task
+from trainer.data import file_shard
 
 STEPS, BATCH, BUFFER = 32, 32, 32
 
@@ -23,7 +23,7 @@ def _records(ds):
 def test_shares_by_file_cover_every_record_once(tmp_path):
   pattern = tfrecord_task.write_shards(str(tmp_path), 4, 8)
   task = tfrecord_task.TFRecordTask.__new__(tfrecord_task.TFRecordTask)
-  task.files = pattern
+  task.files, task.as_files = pattern, False
   whole = task.train_data()
   shares = [file_shard.shard_by_file(whole, 2, i) for i in range(2)]
   assert file_shard.every_share_has_files(whole, 2)
@@ -35,7 +35,7 @@ def test_fewer_files_than_pipelines_falls_back_to_records(tmp_path):
   """The FILE rewrite would give pipeline 1 nothing, silently."""
   pattern = tfrecord_task.write_shards(str(tmp_path), 1, 8)
   task = tfrecord_task.TFRecordTask.__new__(tfrecord_task.TFRecordTask)
-  task.files = pattern
+  task.files, task.as_files = pattern, False
   whole = task.train_data()
   assert not file_shard.every_share_has_files(whole, 2)
   shares = [_records(file_shard.shard_by_file(whole, 2, i)) for i in range(2)]
@@ -67,30 +67,56 @@ def _decoded(count_dir):
 
 @pytest.mark.slow
 def test_two_workers_decode_about_what_one_process_does(tmp_path):
+  """A task's own pipeline (split by FILE auto-shard), the same task giving
+  trainer.data.Files, and the built-in task on a TFDS dataset on disk: 2
+  workers decode about what one process does, each about half."""
+  tfds_dir = tmp_path / "tfds"
+  name = image_files.write_tfds(str(tfds_dir), num_train=1024, num_test=64)
+  tfds_args = lambda workdir, counts: [
+      "--config=configs/digits.py", f"--workdir={workdir}",
+      "--config.task=tests/helpers/image_files.py:CountingImages",
+      f"--config.data.name={name}", f"--config.data.data_dir={tfds_dir}",
+      f"--config.user.count_dir={counts}", f"--config.train.steps={STEPS}",
+      "--config.train.steps_per_loop=8",
+      f"--config.data.global_batch_size={BATCH}",
+      f"--config.data.shuffle_buffer={BUFFER}",
+      "--config.callbacks.progress_bar=False"]
   jobs, dirs = {}, {}
-  for name, num_files, workers in (("one", 8, 1), ("two", 8, 2),
-                                   ("two_one_file", 1, 2)):
-    data = tmp_path / f"data_{name}"
-    counts = tmp_path / f"counts_{name}"
+  for name_, kind, num_files, workers in (
+      ("one", "pipeline", 8, 1), ("two", "pipeline", 8, 2),
+      ("two_one_file", "pipeline", 1, 2), ("files_one", "files", 8, 1),
+      ("files_two", "files", 8, 2), ("tfds_one", "tfds", 0, 1),
+      ("tfds_two", "tfds", 0, 2)):
+    data = tmp_path / f"data_{name_}"
+    counts = tmp_path / f"counts_{name_}"
     data.mkdir(), counts.mkdir()
-    files = tfrecord_task.write_shards(str(data), num_files, 4096 // num_files)
-    dirs[name] = counts
-    args = _args(tmp_path / f"run_{name}", files, counts)
-    jobs[name] = ((["launch.train", *args] if workers == 1 else
-                   ["launch.local", f"--num_workers={workers}", "--", *args]),
-                  {"timeout": 300})
+    dirs[name_] = counts
+    workdir = tmp_path / f"run_{name_}"
+    if kind == "tfds":
+      args = tfds_args(workdir, counts)
+    else:
+      files = tfrecord_task.write_shards(str(data), num_files,
+                                         4096 // num_files)
+      args = _args(workdir, files, counts) + (
+          ["--config.user.as_files=True"] if kind == "files" else [])
+    jobs[name_] = ((["launch.train", *args] if workers == 1 else
+                    ["launch.local", f"--num_workers={workers}", "--", *args]),
+                   {"timeout": 300})
   results = run_modules(jobs)
-  for name, result in results.items():
-    assert result.returncode == 0, (name, result.stderr[-3000:])
-  one, two = _decoded(dirs["one"]), _decoded(dirs["two"])
-  assert len(one) == 1 and len(two) == 2
+  for name_, result in results.items():
+    assert result.returncode == 0, (name_, result.stderr[-3000:])
   trained = STEPS * BATCH
-  assert trained <= one[0] < trained + 4 * BUFFER + 8 * BATCH
-  # Each worker trains on half and decodes about half (plus its buffers);
-  # before: each decoded as much as one process (2x in all).
-  assert sum(two) <= 1.3 * one[0], (two, one)
-  for count in two:
-    assert count < 0.7 * one[0], (two, one)
+  for one_name, two_name in (("one", "two"), ("files_one", "files_two"),
+                             ("tfds_one", "tfds_two")):
+    one, two = _decoded(dirs[one_name]), _decoded(dirs[two_name])
+    assert len(one) == 1 and len(two) == 2, (one_name, one, two)
+    assert trained <= one[0] < trained + 4 * BUFFER + 8 * BATCH, (one_name,
+                                                                  one)
+    # Each worker trains on half and decodes about half (plus what runs
+    # ahead); before: each decoded as much as one process (2x in all).
+    assert sum(two) <= 1.3 * one[0], (two_name, two, one)
+    for count in two:
+      assert count < 0.7 * one[0], (two_name, two, one)
   # One file for 2 workers: each keeps every 2nd record (all decoded).
   assert "cannot be split by file" in results["two_one_file"].stderr
   assert len(_decoded(dirs["two_one_file"])) == 2

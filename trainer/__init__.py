@@ -5,7 +5,8 @@ Public API:
   set_policy                              trainer.precision
   Trainer                                 trainer.loop
   layers (DenseLayer, ParametricSwish...) trainer.layers
-  input_fn, load_source                   trainer.data
+  input_fn, load_source, Files            trainer.data (a package: one
+                                          module per data path)
   run                                     trainer.run.run (config [, task]
                                           -> a trained run in a workdir)
   load_task                               trainer.task (your experiment)
@@ -13,13 +14,13 @@ Public API:
 """
 
 from trainer import layers
-from trainer.data import input_fn, load_source
+from trainer.data import Files, input_fn, load_source
 from trainer.errors import ConfigError, DataError, UserError
 from trainer.loop import Trainer
 from trainer.precision import set_policy
 from trainer.task import load_task
 from trainer.strategy import build_strategy, configure_cpu_devices
 
-__all__ = ["ConfigError", "DataError", "Trainer", "UserError",
+__all__ = ["ConfigError", "DataError", "Files", "Trainer", "UserError",
            "build_strategy", "configure_cpu_devices", "input_fn",
            "layers", "load_source", "load_task", "set_policy"]

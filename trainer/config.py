@@ -31,15 +31,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.task = "trainer.tasks.image_classification:ImageClassification"
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "digits"  # digits | synthetic | any TFDS name
+  c.data.name = "digits"  # digits | synthetic | image_folder | tfrecord | any TFDS name
   c.data.global_batch_size = 128  # examples per step, summed over all replicas
   c.data.eval_batch_size = 256  # global
-  c.data.data_dir = ""  # TFDS data_dir ("" = TFDS default)
+  c.data.data_dir = ""  # TFDS data_dir ("" = TFDS default); image_folder: <dir>/<split>/<label>/<image>
   c.data.image_size = 0  # resize images to this square size (0 = keep)
-  c.data.shuffle_buffer = 10_000  # TFDS streamed from disk only
+  c.data.shuffle_buffer = 10_000  # data on disk: examples shuffled together (a window of raw records for files)
   c.data.in_memory = False  # TFDS: hold the train split in memory (exact resume, no replay)
   c.data.train_split = "train"
   c.data.eval_split = "test"
+  # tfrecord: globs of tf.train.Example files, encoded image bytes and int64 label keys.
+  c.data.train_files = ""
+  c.data.eval_files = ""
+  c.data.image_key = "image/encoded"
+  c.data.label_key = "image/class/label"
   # synthetic only: per-example input shape, classes and examples held in memory.
   c.data.synthetic_shape = (8, 8, 1)
   c.data.num_classes = 10

@@ -129,13 +129,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   train = task_lib.examples(task.train_data(), "train_data")
   evals = task_lib.examples(task.eval_data(), "eval_data")
   data_lib.check_train_batch(train, config.data.global_batch_size // n)
-  eval_examples = evals.dataset
-  if testing:
-    eval_examples = eval_examples.take(TESTING_EVAL_BATCHES *
-                                       config.data.eval_batch_size)
-  eval_fn = data_lib.input_fn(
-      eval_examples, global_batch_size=config.data.eval_batch_size,
-      training=False)
+  eval_fn = data_lib.eval_input_fn(
+      evals, global_batch_size=config.data.eval_batch_size,
+      take=TESTING_EVAL_BATCHES * config.data.eval_batch_size if testing
+      else None)
   saved = None  # the saved config of a resumed run, flattened
   if workdir and not testing:
     saved_config = read_saved_config(workdir)

@@ -12,7 +12,9 @@ class, or a function returning an object, with these methods:
                                         pruned)
   train_data(), eval_data()             the examples, unbatched: a tuple of
                                         numpy arrays (x, y) or (x, y, w), x
-                                        maybe a dict of arrays, or a
+                                        maybe a dict of arrays, files
+                                        (trainer.data.Files: paths, a
+                                        reader, a decode function), or a
                                         tf.data.Dataset of such elements
   build_losses(labels, model_outputs)   per-example loss, [batch] float32
                                         (not needed with compute_loss)
@@ -45,6 +47,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.data import files as files_lib
+from trainer.data.files import Files
 from trainer.errors import ConfigError, DataError
 
 REQUIRED = ("build_model", "train_data", "eval_data", "build_losses",
@@ -137,10 +141,13 @@ class Examples:
     arrays: the same as a nest of numpy arrays [N, ...] when the task gave
       arrays: then training is addressed by step (exact resume, no replay).
     size: the number of examples, or None when the dataset does not say.
+    files: the same as `trainer.data.Files` when the task gave files: then
+      each worker decodes only its own and a resume seeks (no replay).
   """
   dataset: tf.data.Dataset
   arrays: tuple | None
   size: int | None
+  files: Files | None = None
 
 
 def examples(value, method: str) -> Examples:
@@ -151,11 +158,14 @@ def examples(value, method: str) -> Examples:
       arrays of different lengths.
   """
   what = f"{method}() returned"
+  if isinstance(value, Files):
+    dataset = files_lib.ordered(value)
+    _check_elements(dataset.element_spec, f"{what} Files whose decode gives")
+    counts = value.record_counts
+    return Examples(dataset, None,
+                    None if counts is None else int(sum(counts)), files=value)
   if isinstance(value, tf.data.Dataset):
-    spec = value.element_spec
-    if not isinstance(spec, tuple) or len(spec) not in (2, 3):
-      raise DataError(f"{what} a Dataset of {spec}; its elements must be "
-                      "(x, y) or (x, y, sample_weight), unbatched")
+    _check_elements(value.element_spec, f"{what} a Dataset of")
     cardinality = int(value.cardinality())
     if cardinality == 0:
       raise DataError(f"{what} a Dataset with no examples")
@@ -187,6 +197,12 @@ def examples(value, method: str) -> Examples:
   if size == 0:
     raise DataError(f"{what} no examples")
   return Examples(tf.data.Dataset.from_tensor_slices(arrays), arrays, size)
+
+
+def _check_elements(spec, what: str) -> None:
+  if not isinstance(spec, tuple) or len(spec) not in (2, 3):
+    raise DataError(f"{what} {spec}; its elements must be (x, y) or (x, y, "
+                    "sample_weight), unbatched")
 
 
 def first_batch(train: Examples):

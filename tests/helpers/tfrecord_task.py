@@ -1,6 +1,7 @@
 """A task that reads its training data from TFRecord shards, as a user's
 would, and counts the records its parse map decodes in this process (written
-to `user.count_dir/decoded-<pid>` at exit). Settings: user.files (a glob)."""
+to `user.count_dir/decoded-<pid>` at exit). Settings: user.files (a glob),
+user.as_files (return trainer.data.Files instead of a tf.data pipeline)."""
 
 import atexit
 import os
@@ -8,6 +9,8 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+
+from trainer.data import Files
 
 FEATURES = 16
 _decoded = [0]
@@ -38,6 +41,7 @@ class TFRecordTask:
 
   def __init__(self, config):
     self.files = config.user.files
+    self.as_files = bool(config.user.get("as_files", False))
     count_dir = config.user.count_dir
     atexit.register(lambda: open(os.path.join(
         count_dir, f"decoded-{os.getpid()}"), "w").write(str(_decoded[0])))
@@ -56,6 +60,8 @@ class TFRecordTask:
     return parsed["x"], tf.cast(y, tf.int32)
 
   def train_data(self):
+    if self.as_files:
+      return Files(self.files, self._parse)
     files = tf.data.Dataset.list_files(self.files, shuffle=False)
     return files.interleave(tf.data.TFRecordDataset, cycle_length=2).map(
         self._parse)

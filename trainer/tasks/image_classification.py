@@ -1,6 +1,7 @@
 """The built-in task: image classification by `model.name` on `data.name`.
 
-digits (offline default), synthetic, or a TFDS image dataset (trainer.data);
+digits (offline default), synthetic, image_folder, tfrecord or a TFDS image
+dataset (trainer/data/sources.py);
 the models of trainer.models; sparse cross-entropy from logits; accuracy.
 It is one Task like a user's (trainer/task.py): `task` defaults to it.
 """

@@ -1,0 +1,51 @@
+"""A task's own tf.data pipeline of training examples (opaque to the trainer).
+
+Each input pipeline (worker) takes its share by file where the pipeline
+reads files (`file_shard.shard_by_file`), else by example; then it shuffles
+through a buffer, repeats and batches. A resume reads and drops the batches
+before it (O(start step)): return `trainer.data.Files` or arrays instead for
+a resume without replay.
+"""
+
+from typing import Callable
+
+import tensorflow as tf
+
+from trainer.data import file_shard
+
+
+def input_fn(examples: tf.data.Dataset, *, global_batch_size: int,
+             training: bool, seed: int = 0, shuffle_buffer: int = 10_000,
+             start_step: int = 0
+            ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+  """A dataset function for `strategy.distribute_datasets_from_function`.
+
+  Training: each input pipeline (worker) takes its own share of the
+  examples, by file where it can (`file_shard.shard_by_file`), then
+  shuffles it with `seed` (reshuffled each epoch), repeats, and cuts full
+  per-replica batches; `start_step` skips the batches of the steps already
+  taken (reading them: O(start_step); in-memory sources use
+  `stream_input_fn`). In one process the k-th global batch is the same
+  examples for any number of replicas; with P workers it is made of the P
+  workers' own batches, so it differs from one process's.
+  Eval: one pass in order, the last batch partial, so every example is seen
+  exactly once.
+  """
+
+  def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    per_replica = ctx.get_per_replica_batch_size(global_batch_size)
+    ds = examples
+    if training:  # each pipeline reads its own files (trainer/file_shard.py)
+      ds = file_shard.shard_by_file(ds, ctx.num_input_pipelines,
+                                    ctx.input_pipeline_id)
+      ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+      ds = ds.repeat()
+    ds = ds.batch(per_replica, drop_remainder=training)
+    if ctx.num_input_pipelines > 1 and not training:
+      ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+    if start_step:
+      ds = ds.skip(start_step * ctx.num_replicas_in_sync //
+                   ctx.num_input_pipelines)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  return dataset_fn
