@@ -178,7 +178,10 @@ def _listening(pid: int) -> set[tuple[str, int]]:
   """(address, port) of the TCP sockets process `pid` listens on."""
   inodes = set()
   for fd in os.listdir(f"/proc/{pid}/fd"):
-    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    try:
+      link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except FileNotFoundError:  # closed since listdir: not a listening socket
+      continue
     if link.startswith("socket:["):
       inodes.add(link[len("socket:["):-1])
   found = set()
