@@ -4,7 +4,11 @@ r"""Runs a multi-worker job on this machine: N processes, TF_CONFIG on free port
       --workdir=runs/digits_2w [--config.KEY=VALUE ...]
 
 Everything after `--` goes to `python -m launch.train` (or `--module`), with
-`--config.distribution.strategy=multi_worker` appended. Each worker's output
+`--config.distribution.strategy=multi_worker` appended. With
+`--data_service_workers=N` a tf.data service (a dispatcher and N workers,
+`launch.data_service`) starts first on localhost and the workers train
+through it (`--config.data.service=localhost:PORT` appended); it stops
+when they end. Each worker's output
 lines are prefixed `[worker i]`. SIGINT and SIGTERM are forwarded to every
 worker. If a worker fails, the others are stopped and the launcher exits
 with status 1, naming the worker; it exits 0 when every worker succeeds, and
@@ -32,6 +36,11 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Worker processes.",
                                     lower_bound=1)
 _MODULE = flags.DEFINE_string("module", "launch.train",
                               "Python module each worker runs with -m.")
+_DATA_SERVICE_WORKERS = flags.DEFINE_integer(
+    "data_service_workers", 0, "Also start a tf.data service dispatcher and "
+    "this many tf.data service workers on localhost (launch.data_service) "
+    "and train through them (--config.data.service); 0: no service.",
+    lower_bound=0)
 _GRACE = flags.DEFINE_float(
     "grace_seconds", 10.0, "After a failure, how long the other workers get "
     "to exit after SIGTERM before SIGKILL.")
@@ -69,6 +78,60 @@ def describe_exit(code: int) -> str:
   if code < 0:
     return f"was killed by {signal.Signals(-code).name}"
   return f"exited with status {code}"
+
+
+class DataService:
+  """A tf.data service on localhost: a dispatcher and N worker processes
+  (launch.data_service), each a real TensorFlow server."""
+
+  def __init__(self, num_workers: int, timeout: float = 120.0):
+    self.procs = []
+    self.pumps = []
+    (port,) = free_ports(1)
+    self.address = f"localhost:{port}"
+    self._start("dispatcher", ["--role=dispatcher", f"--port={port}"],
+                timeout)
+    for i in range(num_workers):
+      self._start(f"data worker {i}",
+                  ["--role=worker", f"--dispatcher={self.address}"], timeout)
+
+  def _start(self, name: str, flags_: list[str], timeout: float) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "launch.data_service", *flags_],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    self.procs.append(proc)
+    ready = threading.Event()
+
+    def pump_stdout():
+      for line in iter(proc.stdout.readline, ""):
+        if line.startswith("serving "):
+          ready.set()
+        sys.stdout.write(f"[{name}] {line}")
+        sys.stdout.flush()
+      ready.set()  # it ended: no longer waited for
+
+    for target in (pump_stdout, lambda: _pump(proc.stderr, f"[{name}] ",
+                                              sys.stderr)):
+      pump = threading.Thread(target=target, daemon=True)
+      pump.start()
+      self.pumps.append(pump)
+    if not ready.wait(timeout) or proc.poll() is not None:
+      self.stop()
+      raise RuntimeError(f"the tf.data service {name} did not start")
+
+  def stop(self) -> None:
+    for proc in self.procs:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in self.procs:
+      try:
+        proc.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pump in self.pumps:
+      pump.join(timeout=5)
 
 
 class Workers:
@@ -143,10 +206,23 @@ def main(argv: list[str]) -> None:
           "--num_workers=N -- --config=configs/digits.py --workdir=DIR",
           file=sys.stderr)
     sys.exit(2)
-  workers = Workers(worker_argv, _NUM_WORKERS.value, _MODULE.value)
-  for signum in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(signum, lambda s, _: workers.signal_all(s))
-  sys.exit(workers.wait(_GRACE.value))
+  service = None
+  if _DATA_SERVICE_WORKERS.value:
+    try:
+      service = DataService(_DATA_SERVICE_WORKERS.value)
+    except RuntimeError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(EXIT_WORKER_FAILED)
+    worker_argv = [*worker_argv, f"--config.data.service={service.address}"]
+  try:
+    workers = Workers(worker_argv, _NUM_WORKERS.value, _MODULE.value)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(signum, lambda s, _: workers.signal_all(s))
+    code = workers.wait(_GRACE.value)
+  finally:
+    if service:
+      service.stop()
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.image_size = 0  # resize images to this square size (0 = keep)
   c.data.shuffle_buffer = 10_000  # data on disk: examples shuffled together (a window of raw records for files)
   c.data.in_memory = False  # TFDS: hold the train split in memory (exact resume, no replay)
+  c.data.service = ""  # tf.data service dispatcher (host:port): decode training data on its workers
   c.data.train_split = "train"
   c.data.eval_split = "test"
   # tfrecord: globs of tf.train.Example files, encoded image bytes and int64 label keys.
@@ -243,6 +244,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.schedule == "step" and not config.optimizer.decay_steps:
     raise ConfigError("optimizer.schedule=step needs optimizer.decay_steps, "
                       "e.g. --config.optimizer.decay_steps=(3000,6000)")
+  if config.data.service and config.train.deterministic:
+    raise ConfigError(
+        "data.service hands batches to workers first come, first served, "
+        "so train.deterministic=True cannot hold; set one of them")
   for key in ("early_stopping", "best_model"):
     _choice(config.callbacks[key].mode, MODES, f"callbacks.{key}.mode")
   _non_negative(config.callbacks.early_stopping.patience,

@@ -129,6 +129,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   train = task_lib.examples(task.train_data(), "train_data")
   evals = task_lib.examples(task.eval_data(), "eval_data")
   data_lib.check_train_batch(train, config.data.global_batch_size // n)
+  if config.data.service:
+    data_lib.check_service(train, config.data.service,
+                           window=config.data.shuffle_buffer)
   eval_fn = data_lib.eval_input_fn(
       evals, global_batch_size=config.data.eval_batch_size,
       take=TESTING_EVAL_BATCHES * config.data.eval_batch_size if testing
@@ -293,7 +296,9 @@ def _fit_with_recovery(trainer: Trainer, config: ml_collections.ConfigDict,
     train_fn = data_lib.train_input_fn(
         train, global_batch_size=config.data.global_batch_size,
         seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
-        start_step=position)
+        start_step=position, service=config.data.service,
+        run_id=(os.path.abspath(trainer.workdir) if trainer.workdir
+                else config.to_json()))
     try:
       return trainer.fit(
           train_fn, steps=config.train.steps,

@@ -17,25 +17,35 @@ per-replica batches, for `strategy.distribute_datasets_from_function`.
 from absl import logging
 
 from trainer.data import files as files_lib
+from trainer.data import service as service_lib
 from trainer.data.files import Files
 from trainer.data.pipeline import input_fn
+from trainer.data.service import check as check_service
 from trainer.data.sources import DataInfo, Source, load_source
 from trainer.data.stream import (CHUNK_BATCHES, CHUNK_BYTES, epoch_permutation,
                                  stream_input_fn)
 from trainer.errors import ConfigError, DataError
 
 __all__ = ["CHUNK_BATCHES", "CHUNK_BYTES", "DataInfo", "Files", "Source",
-           "check_batch_size", "check_train_batch", "epoch_permutation",
+           "check_batch_size", "check_service", "check_train_batch", "epoch_permutation",
            "eval_input_fn", "input_fn", "load_source", "stream_input_fn",
            "train_input_fn"]
 
 
 def train_input_fn(train, *, global_batch_size: int, seed: int,
-                   shuffle_buffer: int, start_step: int = 0):
+                   shuffle_buffer: int, start_step: int = 0,
+                   service: str = "", run_id: str = ""):
   """The training dataset function for `train` (a trainer.task.Examples):
-  addressed by step if it is in memory (`train.arrays`), seekable if it is
-  files (`train.files`), else a task's pipeline shuffled through a buffer,
-  replaying the batches of the steps already taken."""
+  decoded on the tf.data service at `service` if given (one job per
+  `run_id` and start step), else addressed by step if it is in memory
+  (`train.arrays`), seekable if it is files (`train.files`), else a task's
+  pipeline shuffled through a buffer, replaying the batches of the steps
+  already taken."""
+  if service:
+    return service_lib.train_fn(train, service=service, run_id=run_id,
+                                global_batch_size=global_batch_size,
+                                seed=seed, window=shuffle_buffer,
+                                start_step=start_step)
   if train.arrays is not None:
     return stream_input_fn(train.arrays, global_batch_size=global_batch_size,
                            seed=seed, start_step=start_step)
