@@ -15,7 +15,11 @@ In one process, after warm-up, interleaving the contenders run by run:
   mirrored   the compute case on 2 logical CPU devices (MirroredStrategy)
              against one device: the cost of distribution;
   input      the digits training stream (per-epoch shuffle + gather)
-             against the same batches already in memory.
+             against the same batches already in memory;
+  disk       JPEGs in TFRecord shards and in an image folder
+             (launch/bench_disk.py): the pipeline's examples/s against the
+             step's, decoded records on 1 vs 2 input pipelines, and the
+             time to resume at an early and a late step.
 Reports medians over `--repeats` runs; writes every figure and the machine
 to JSON. Targets (issue 7) are checked in the report, not in tests.
 """
@@ -35,6 +39,7 @@ from absl import app, flags, logging
 
 from launch.bench_contenders import (Case, KerasFit, Matmuls, Ours, cases,
                                      time_interleaved)
+from launch.bench_disk import bench_on_disk, report_rows
 
 _JSON = flags.DEFINE_string("json", "bench.json", "Where to write the JSON "
                             "report ('' = do not write).")
@@ -190,7 +195,7 @@ def report(results: dict) -> list[str]:
   rows.append(f"input       stream/memory {i['fraction']:.3f}{'':>16}>= "
               f"{TARGETS['input_fraction']:.2f} "
               f"{'ok' if i['fraction'] >= TARGETS['input_fraction'] else 'MISSED'}")
-  return rows
+  return rows + report_rows(results["disk"])
 
 
 def main(argv: list[str]) -> None:
@@ -236,6 +241,8 @@ def main(argv: list[str]) -> None:
   results["devices"] = bench_devices(compute, devices, repeats)
   print("timing input ...", flush=True)
   results["input"] = bench_input(repeats, _SIZE.value)
+  print("timing disk ...", flush=True)
+  results["disk"] = bench_on_disk(repeats, _SIZE.value)
   for row in report(results):
     print(row)
   if _JSON.value:

@@ -36,8 +36,16 @@ def test_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path):
   assert report["devices"]["1_devices"]["speedup"] == 1.0
   assert report["devices"]["2_devices"]["examples_per_sec"] > 0
   assert report["input"]["fraction"] > 0
+  for source in ("tfrecord", "image_folder"):
+    disk = report["disk"][source]
+    for kind in ("pipeline", "step", "fed"):
+      assert disk[f"{kind}_examples_per_sec"] > 0
+    # one epoch's worth: what was trained, decoded once (plus read-ahead)
+    assert disk["trained"] <= disk["decoded_1_pipeline"] < 2 * disk["trained"]
+    assert disk["decoded_ratio"] < 1.5
+    assert disk["resume_ratio"] > 0
   for line in ("trainer/keras time", "bare matmul", "own matmuls run bare",
-               "stream/memory"):
+               "stream/memory", "disk        tfrecord", "disk        image_folder"):
     assert line in proc.stdout
 
 

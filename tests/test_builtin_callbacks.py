@@ -52,7 +52,7 @@ def test_tensorboard_holds_every_scalar_at_its_step(tmp_path, policy):
   evals = _scalars(tmp_path / "tensorboard" / "eval")
   assert set(train) == {"loss", "accuracy", "learning_rate", "loss_scale",
                         "grad_norm", "examples_per_sec", "step_time",
-                        "skipped_steps"}
+                        "skipped_steps", "input_wait"}
   assert set(evals) == {"loss", "accuracy"}
   for tag, points in train.items():
     assert [s for s, _ in points] == [15, 30, 45, 60], tag

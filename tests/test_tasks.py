@@ -280,7 +280,8 @@ def test_the_builtin_task_logs_the_same_keys_as_before(tmp_path):
       "step", "eval/accuracy", "eval/loss", "eval/num_examples",
       "train/accuracy", "train/examples", "train/examples_per_sec",
       "train/grad_norm", "train/learning_rate", "train/loop_loss",
-      "train/loss", "train/skipped_steps", "train/step_time", "train/steps"}
+      "train/loss", "train/skipped_steps", "train/step_time", "train/steps",
+      "train/input_wait"}
 
 
 TWO_OUTPUTS = """

@@ -18,7 +18,7 @@ from trainer.update import OptimizerUpdate
 RESERVED_LOGS = frozenset((
     "loss_sum", "steps", "examples", "examples_per_sec", "step_time",
     "skipped_steps", "learning_rate", "grad_norm", "loss_scale", "sparsity",
-    "loop_loss"))
+    "loop_loss", "input_wait"))
 
 
 

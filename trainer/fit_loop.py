@@ -11,7 +11,8 @@ import keras
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
 from trainer.callbacks.best_model import set_monitor_mode
 from trainer.fit_plan import FitPlan
-from trainer.loop_logs import check_diverged, loss_scale_logs
+from trainer.loop_logs import (InputBoundWarning, check_diverged,
+                                loss_scale_logs)
 
 
 def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
@@ -38,6 +39,7 @@ def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
   trainer.model.stop_training = False
   callback_list.on_train_begin()
   step = int(trainer.global_step.numpy())
+  input_bound = InputBoundWarning()
   epoch = plan.first_epoch
   ended = False
   while (epoch < plan.epochs and not plan.done(step) and
@@ -61,6 +63,7 @@ def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
       exhausted = out["steps"] < todo
       if out["steps"] == 0:
         break
+      input_bound.observe(out, step, int(trainer.global_step.numpy()))
       step = int(trainer.global_step.numpy())
       check_diverged(step, out, loss_scale_logs(  # before any callback
           trainer.step.loss_scales, len(trainer.optimizers) > 1),

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
 from trainer import inputs
 from trainer.agreement import WorkerAgreement
@@ -169,9 +170,22 @@ class Trainer:
       steps = tf.constant(0, tf.int64)
       zeros = self.step.zero_outputs(iterator.element_spec)
       sums, last = zeros["sum"], zeros["last"]
+      # Seconds blocked on the input; tf.timestamp is refused under op
+      # determinism, so deterministic runs do not measure it.
+      timed = not tf_config.is_op_determinism_enabled()  # no public API
+      waited = tf.constant(0.0, tf.float64)
       for i in tf.range(num_steps):
-        optional = iterator.get_next_as_optional()
-        if not optional.has_value():
+        if timed:
+          asked = tf.timestamp()
+          with tf.control_dependencies([asked]):
+            optional = iterator.get_next_as_optional()
+          has_value = optional.has_value()
+          with tf.control_dependencies([has_value]):
+            waited += tf.timestamp() - asked
+        else:
+          optional = iterator.get_next_as_optional()
+          has_value = optional.has_value()
+        if not has_value:
           break
         is_last = tf.equal(i, num_steps - 1)  # norms are logged for it only
         out = self.step(optional.get_value(), want_norm=is_last)
@@ -179,7 +193,10 @@ class Trainer:
         sums = {k: sums[k] + v for k, v in out["sum"].items()}
         last = {k: tf.where(is_last, v, last[k])
                 for k, v in out["last"].items()}
-    return {"steps": steps, "sum": sums, "last": last}
+    out = {"steps": steps, "sum": sums, "last": last}
+    if timed:
+      out["input_wait"] = waited
+    return out
 
   def train_steps(self, iterator, num_steps: int, *,
                   reset_metrics: bool = True) -> dict[str, float]:
@@ -188,8 +205,9 @@ class Trainer:
     Returns the logs of this call (Python floats): `loss` (mean per-example
     loss over the examples seen), each train metric (accumulated since the
     last reset), `steps`, `examples`, `loss_sum`, `examples_per_sec`,
-    `step_time` (seconds), `grad_norm` (of the last step; 0 if the data ran
-    out before it), `skipped_steps`,
+    `step_time` (seconds), `input_wait` (the fraction of the call spent
+    waiting for the next batch; not with op determinism), `grad_norm` (of the last step; 0 if the
+    data ran out before it), `skipped_steps`,
     `learning_rate`, and `loss_scale` under mixed_float16. Every value is
     global: reduced over replicas and workers.
     """

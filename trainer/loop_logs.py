@@ -9,6 +9,7 @@ before any callback does.
 import math
 
 import tensorflow as tf
+from absl import logging
 
 from trainer.errors import TrainingDiverged
 
@@ -25,12 +26,15 @@ def loss_scale_logs(loss_scales: dict[str, tf.Variable],
 def host_loop_logs(out: dict, elapsed: float, *, several_optimizers: bool,
                    learning_rate: float) -> dict[str, float]:
   """`loss` (mean per example), `steps`, `examples`, `loss_sum`,
-  `examples_per_sec`, `step_time` (s), `skipped_steps`, `learning_rate`,
+  `examples_per_sec`, `step_time` (s), `skipped_steps`, `input_wait` (the
+  fraction of the loop spent waiting for input; absent when not measured,
+  under op determinism), `learning_rate`,
   the step's `last` values (`grad_norm`...), and a task's own step's values
   (each averaged per example) and per-optimizer skip counts.
 
   Args:
-    out: {"steps", "sum": {...}, "last": {...}} as numpy values.
+    out: {"steps", "sum": {...}, "last": {...}, "input_wait": seconds} as
+      numpy values.
     elapsed: seconds the loop took.
   """
   sums, steps = out["sum"], int(out["steps"])
@@ -42,6 +46,8 @@ def host_loop_logs(out: dict, elapsed: float, *, several_optimizers: bool,
           "step_time": elapsed / max(steps, 1),
           "skipped_steps": int(sums["skipped"]),
           "learning_rate": learning_rate}
+  if "input_wait" in out:  # not measured under op determinism
+    logs["input_wait"] = min(float(out["input_wait"]) / elapsed, 1.0)
   logs.update({k: float(v) for k, v in out["last"].items()})
   for key, value in sums.items():  # a task's own step (step_context.py)
     if key.startswith("skipped/") and several_optimizers:
@@ -67,3 +73,30 @@ def check_diverged(step: int, logs: dict, scales: dict[str, float],
         f"precision.min_loss_scale={min_loss_scale:g}, by global step "
         f"{step} (loss {logs['loss']:g}): every step overflows in float16 "
         "and none is applied"))
+
+
+INPUT_BOUND = 0.5  # a host loop that waits this much of its time for input
+
+
+class InputBoundWarning:
+  """Warns once per run when the train step waits for its input for at
+  least INPUT_BOUND of a host loop, from the third loop on (the first ones
+  fill the pipeline's buffers and trace)."""
+
+  def __init__(self):
+    self.loops = 0
+    self.warned = False
+
+  def observe(self, logs: dict, first_step: int, last_step: int) -> None:
+    self.loops += 1
+    if (self.warned or self.loops < 3 or
+        logs.get("input_wait", 0.0) < INPUT_BOUND):
+      return
+    self.warned = True
+    logging.warning(
+        "input-bound: the train step waited for its input %.0f%% of steps "
+        "%d-%d (%.0f examples/s): the input pipeline cannot keep up; decode "
+        "in parallel (map num_parallel_calls), read more files at once, or "
+        "move decoding to the tf.data service (data.service)",
+        100 * logs["input_wait"], first_step, last_step,
+        logs["examples_per_sec"])

@@ -18,6 +18,7 @@ from typing import Sequence
 import keras
 import ml_collections
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 from absl import logging
 
 from trainer import callbacks as callbacks_lib
@@ -102,6 +103,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   Raises:
     UserError (ConfigError, DataError): bad input, before any file is written.
   """
+  # train.deterministic turns on TensorFlow's process-wide op determinism
+  # for this run only: a later run in the same process gets its own setting.
+  deterministic_before = tf_config.is_op_determinism_enabled()
+  try:
+    return _run(config, workdir, testing=testing,
+                allow_config_change=allow_config_change, callbacks=callbacks,
+                task=task)
+  finally:
+    if not deterministic_before:
+      tf_config.disable_op_determinism()
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str | None, *,
+         testing: bool, allow_config_change: bool,
+         callbacks: Sequence[keras.callbacks.Callback], task) -> RunResult:
+  """`run`, with op determinism as the config says."""
   config_lib.validate(config)
   config = config.copy_and_resolve_references()  # run() fills in defaults
   if task is not None:

@@ -44,6 +44,7 @@ def _count(y):
 
 
 class TFRecordTask:
+  print_decoded = False
 
   def __init__(self, config):
     self.files = config.user.files
