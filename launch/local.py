@@ -8,12 +8,17 @@ Everything after `--` goes to `python -m launch.train` (or `--module`), with
 `--data_service_workers=N` a tf.data service (a dispatcher and N workers,
 `launch.data_service`) starts first on localhost and the workers train
 through it (`--config.data.service=localhost:PORT` appended); it stops
-when they end. Each worker's output
-lines are prefixed `[worker i]`. SIGINT and SIGTERM are forwarded to every
-worker. If a worker fails, the others are stopped and the launcher exits
-with status 1, naming the worker; it exits 0 when every worker succeeds, and
-75 when the workers were preempted (SIGTERM: they agreed on a step, saved a
-checkpoint and exited 75; rerun the same command to resume).
+when they end. Each worker's output lines are prefixed `[worker i]`.
+SIGINT and SIGTERM are forwarded to every worker. If a worker fails, the
+others are stopped and the launcher exits with status 1, naming the worker;
+with `--max_restarts=N` a worker that was killed, crashed (1) or was ended
+by its watchdog (4) instead restarts the whole job (fresh ports, resuming
+from the latest checkpoint, one `restart k: ...` line and a metrics.jsonl
+event each; launch/restarts.py), and after N restarts the launcher exits
+with the last failure's status (128 + signal for a kill). It exits 0 when
+every worker succeeds, and 75 when the workers were preempted (SIGTERM:
+they agreed on a step, saved a checkpoint and exited 75; rerun the same
+command to resume).
 
 Trust: each worker's TensorFlow gRPC server listens on all interfaces at its
 TF_CONFIG port, with no authentication (TensorFlow 2.21 cannot bind it to
@@ -32,6 +37,9 @@ import time
 
 from absl import app, flags
 
+from launch import restarts as restarts_lib
+from launch.restarts import describe_exit
+
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Worker processes.",
                                     lower_bound=1)
 _MODULE = flags.DEFINE_string("module", "launch.train",
@@ -40,6 +48,12 @@ _DATA_SERVICE_WORKERS = flags.DEFINE_integer(
     "data_service_workers", 0, "Also start a tf.data service dispatcher and "
     "this many tf.data service workers on localhost (launch.data_service) "
     "and train through them (--config.data.service); 0: no service.",
+    lower_bound=0)
+_MAX_RESTARTS = flags.DEFINE_integer(
+    "max_restarts", 0, "Restart the whole job (fresh ports, resuming from "
+    "the latest checkpoint) at most this many times when a worker is "
+    "killed, crashes (status 1) or is ended by its watchdog (4); bad input "
+    "(2), divergence (3), a full disk (5) and preemption (75) never restart.",
     lower_bound=0)
 _GRACE = flags.DEFINE_float(
     "grace_seconds", 10.0, "After a failure, how long the other workers get "
@@ -72,12 +86,6 @@ def _pump(stream, prefix: str, out) -> None:
   for line in iter(stream.readline, ""):
     out.write(f"{prefix}{line}")
     out.flush()
-
-
-def describe_exit(code: int) -> str:
-  if code < 0:
-    return f"was killed by {signal.Signals(-code).name}"
-  return f"exited with status {code}"
 
 
 class DataService:
@@ -171,8 +179,10 @@ class Workers:
     for proc in self.procs:
       proc.wait()
 
-  def wait(self, grace: float) -> int:
-    """Waits for all; on the first failure stops the rest. Returns exit code."""
+  def wait(self, grace: float) -> tuple[int, int | None]:
+    """Waits for all; on the first failure stops the rest. Returns the exit
+    code of the first worker that failed (0 or EXIT_PREEMPTED if none did)
+    and its index (None if none did)."""
     failed = None
     while failed is None and any(p.poll() is None for p in self.procs):
       for i, proc in enumerate(self.procs):
@@ -191,12 +201,62 @@ class Workers:
     for pump in self.pumps:
       pump.join(timeout=5)
     if failed is not None:
-      return EXIT_WORKER_FAILED
+      return self.procs[failed].returncode, failed
     if any(p.returncode == EXIT_PREEMPTED for p in self.procs):
-      print("preempted: the workers saved a checkpoint and stopped; run the "
-            "same command to resume", file=sys.stderr, flush=True)
-      return EXIT_PREEMPTED
-    return 0
+      return EXIT_PREEMPTED, None
+    return 0, None
+
+
+class Job:
+  """The workers, started again after a restartable failure (launch/
+  restarts.py) at most `max_restarts` times; SIGINT/SIGTERM stop it."""
+
+  def __init__(self, argv: list[str], num_workers: int, module: str,
+               max_restarts: int):
+    self.argv, self.num_workers, self.module = argv, num_workers, module
+    self.max_restarts = max_restarts
+    self.workers = None
+    self.stopping = False  # a signal arrived: never start workers again
+    self.lock = threading.Lock()
+
+  def signal(self, signum: int) -> None:
+    with self.lock:
+      self.stopping = True
+      if self.workers:
+        self.workers.signal_all(signum)
+
+  def run(self, grace: float) -> int:
+    """Runs until success, preemption, a failure that is not restartable
+    or the last allowed restart's failure; returns the exit status."""
+    restarts, reports = 0, []
+    workdir = restarts_lib.workdir_of(self.argv)
+    while True:
+      with self.lock:
+        if self.stopping:
+          return EXIT_PREEMPTED
+        self.workers = Workers(self.argv, self.num_workers, self.module)
+      code, failed = self.workers.wait(grace)
+      if failed is None:
+        if code == EXIT_PREEMPTED:
+          print("preempted: the workers saved a checkpoint and stopped; run "
+                "the same command to resume", file=sys.stderr, flush=True)
+        return code
+      cause = f"worker {failed} {describe_exit(code)}"
+      if self.stopping and code in (-signal.SIGTERM, -signal.SIGINT):
+        print("stopped by a signal before the workers could save; run the "
+              "same command to resume", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+      if (self.stopping or not restarts_lib.restartable(code) or
+          restarts >= self.max_restarts):
+        if restarts:
+          print(f"error: {cause} after {restarts} restart(s) of "
+                f"{self.max_restarts}:", *reports, sep="\n  ",
+                file=sys.stderr, flush=True)
+          return restarts_lib.shell_status(code)
+        return EXIT_WORKER_FAILED
+      restarts += 1
+      reports.append(restarts_lib.record_restart(workdir, restarts, cause))
+      print(reports[-1], file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> None:
@@ -215,10 +275,11 @@ def main(argv: list[str]) -> None:
       sys.exit(EXIT_WORKER_FAILED)
     worker_argv = [*worker_argv, f"--config.data.service={service.address}"]
   try:
-    workers = Workers(worker_argv, _NUM_WORKERS.value, _MODULE.value)
+    job = Job(worker_argv, _NUM_WORKERS.value, _MODULE.value,
+              _MAX_RESTARTS.value)
     for signum in (signal.SIGINT, signal.SIGTERM):
-      signal.signal(signum, lambda s, _: workers.signal_all(s))
-    code = workers.wait(_GRACE.value)
+      signal.signal(signum, lambda s, _: job.signal(s))
+    code = job.run(_GRACE.value)
   finally:
     if service:
       service.stop()

@@ -60,13 +60,13 @@ def test_a_slow_input_is_measured_and_warned_about_once(strategy, caplog,
   waits, warnings = _fit(slow, strategy, caplog)
   assert len(waits) == 6 and min(waits[2:]) > 0.5, waits
   assert len(warnings) == 1, warnings
-  assert "steps 8-12" in warnings[0]
+  assert "steps 16-20" in warnings[0]  # the third loop in a row
 
 
 def test_an_input_in_memory_is_not_warned_about(caplog):
   waits, warnings = _fit(_examples().cache(),
                          tf.distribute.OneDeviceStrategy("/cpu:0"), caplog)
-  assert max(waits[2:]) < 0.5, waits
+  assert sorted(waits)[3] < 0.5, waits  # a loop of 1 ms can be the machine
   assert not warnings
 
 

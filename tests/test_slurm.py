@@ -230,6 +230,26 @@ def test_a_users_own_task_trains_on_two_workers(tmp_path):
   assert text.count("done: 100 steps") == 1, _tail(log)
 
 
+def _requeued_run_completes(job: str, log) -> str:
+  """Waits for SLURM to requeue `job`, starts it at once, waits for the
+  second run to end; asserts it COMPLETED after one restart; its log."""
+  _wait("the requeue", lambda: int(_job(job).get("Restarts", 0)) >= 1 and
+        _job(job).get("JobState") == "PENDING", 60, log)
+  # SLURM holds a requeued job for ~2 minutes (BeginTime); skip that, but
+  # not within the second of the requeue: slurmd refuses a credential no
+  # newer (in whole seconds) than the one it revoked ("Job credential
+  # revoked") and the job then fails.
+  time.sleep(2)
+  subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
+                 check=True, timeout=30)
+  _wait("the resumed run to end",
+        lambda: _job(job).get("JobState") in ENDED, 90, log)
+  info = _job(job)
+  assert (info["JobState"], info["ExitCode"], info["Restarts"]) == (
+      "COMPLETED", "0:0", "1"), _tail(log)
+  return log.read_text()
+
+
 @pytest.mark.parametrize("preempt", [
     # What SLURM does on preemption (PreemptMode=REQUEUE) or an admin
     # requeue: SIGTERM to the batch script, srun and the tasks, SIGKILL
@@ -254,22 +274,9 @@ def test_preempted_job_is_requeued_and_resumes(tmp_path, preempt):
     _wait("a few host loops", lambda: sum(
         "train/loss" in r for r in _metrics(workdir)) >= 2, 60, log)
     subprocess.run([*preempt, job], check=True, timeout=30)
-    _wait("the requeue", lambda: int(_job(job).get("Restarts", 0)) >= 1 and
-          _job(job).get("JobState") == "PENDING", 60, log)
-    # SLURM holds a requeued job for ~2 minutes (BeginTime); skip that, but
-    # not within the second of the requeue: slurmd refuses a credential no
-    # newer (in whole seconds) than the one it revoked ("Job credential
-    # revoked") and the job then fails.
-    time.sleep(2)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
-                   check=True, timeout=30)
-    _wait("the resumed run to end",
-          lambda: _job(job).get("JobState") in ENDED, 90, log)
+    text = _requeued_run_completes(job, log)
   finally:
     _cancel(job)
-  info, text = _job(job), log.read_text()
-  assert (info["JobState"], info["ExitCode"], info["Restarts"]) == (
-      "COMPLETED", "0:0", "1"), _tail(log)
   stopped = re.findall(r"preempted: stopped at step (\d+)", text)
   restored = re.findall(r"restored \S+ \(step (\d+)\)", text)
   assert len(stopped) == 1 and 0 < int(stopped[0]) < steps, _tail(log)
@@ -278,3 +285,49 @@ def test_preempted_job_is_requeued_and_resumes(tmp_path, preempt):
   assert _metrics(workdir)[-1]["step"] == steps
   print(f"job {job}: stopped at step {stopped[0]}, resumed, "
         f"{time.monotonic() - start:.0f}s from submit to end")
+
+
+def _task_pid(job: str, rank: str) -> int | None:
+  """The pid of the job's worker task `rank` on this node, if it runs."""
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0")
+                   if b"=" in kv)
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read()
+    except OSError:
+      continue
+    if (b"launch.train" in cmdline and env.get(b"SLURM_JOB_ID") == job.encode()
+        and env.get(b"SLURM_PROCID") == rank.encode()):
+      return int(pid)
+  return None
+
+
+def test_a_killed_task_requeues_the_job_up_to_trainer_max_restarts(tmp_path):
+  """kill -9 of worker 1 (a lost task) with TRAINER_MAX_RESTARTS=1: the job
+  requeues itself, resumes from its checkpoint and completes; the restart
+  is in metrics.jsonl with the job id."""
+  workdir, log = tmp_path / "run", tmp_path / "slurm.log"
+  steps = 400
+  env = _env(PYTHONPATH=os.path.join(ROOT, "tests", "helpers"),
+             THROTTLE_SECONDS="0.1", TRAINER_MAX_RESTARTS="1")
+  job = _submit(workdir, log, [
+      f"--config.train.steps={steps}", "--config.train.steps_per_loop=20",
+      "--config.train.checkpoint_every=40",
+      "--config.callbacks.custom=throttle:Throttle"], env=env)
+  try:
+    _wait("a checkpoint", lambda: sum(
+        "train/loss" in r for r in _metrics(workdir)) >= 3, 60, log)
+    pid = _task_pid(job, "1")
+    assert pid, _tail(log)
+    os.kill(pid, 9)
+    text = _requeued_run_completes(job, log)
+  finally:
+    _cancel(job)
+  assert re.search(r"train.sbatch: restart 1: a worker was killed by \w+; "
+                   r"resuming from step \d+", text), _tail(log)
+  events = [r for r in _metrics(workdir) if r.get("event") == "restart"]
+  assert len(events) == 1 and events[0]["job"] == job, events
+  assert f"done: {steps} steps" in text and _metrics(workdir)[-1]["step"] == (
+      steps)

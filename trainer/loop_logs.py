@@ -80,17 +80,20 @@ INPUT_BOUND = 0.5  # a host loop that waits this much of its time for input
 
 class InputBoundWarning:
   """Warns once per run when the train step waits for its input for at
-  least INPUT_BOUND of a host loop, from the third loop on (the first ones
-  fill the pipeline's buffers and trace)."""
+  least INPUT_BOUND of three host loops in a row, from the third loop on
+  (the first ones fill the pipeline's buffers and trace; one slow loop can
+  be the machine)."""
 
   def __init__(self):
     self.loops = 0
+    self.bound_in_a_row = 0
     self.warned = False
 
   def observe(self, logs: dict, first_step: int, last_step: int) -> None:
     self.loops += 1
-    if (self.warned or self.loops < 3 or
-        logs.get("input_wait", 0.0) < INPUT_BOUND):
+    bound = self.loops >= 3 and logs.get("input_wait", 0.0) >= INPUT_BOUND
+    self.bound_in_a_row = self.bound_in_a_row + 1 if bound else 0
+    if self.warned or self.bound_in_a_row < 3:
       return
     self.warned = True
     logging.warning(
