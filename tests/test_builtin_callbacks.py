@@ -40,6 +40,7 @@ def _scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
   return out
 
 
+@pytest.mark.slow  # in-process, but over 5 s: CI runs it
 def test_tensorboard_holds_every_scalar_at_its_step(tmp_path, policy):
   config = _config(**{
       "train.steps": 60, "train.steps_per_epoch": 30,

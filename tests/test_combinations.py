@@ -25,6 +25,8 @@ from trainer.config import default_config
 from trainer.loop import Trainer
 from trainer.pruning import PruningSchedule
 
+pytestmark = pytest.mark.slow  # in-process, ~100 s in all: CI runs it
+
 DIMENSIONS = {
     "model": ("mlp", "cnn", "resnet"),
     "policy": ("float32", "mixed_float16", "mixed_bfloat16"),

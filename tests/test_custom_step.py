@@ -233,6 +233,7 @@ def _checkpoint(workdir) -> dict[str, np.ndarray]:
           if "save_counter" not in name and "OBJECT_GRAPH" not in name}
 
 
+@pytest.mark.slow  # in-process, but over 5 s: CI runs it
 @pytest.mark.parametrize("name", ["gan", "distillation"])
 def test_example_on_two_replicas_equals_one_device(name, tmp_path, policy):
   """The examples through trainer.run: every model and optimizer in the

@@ -75,6 +75,7 @@ def seed():
   return _seed_loop()
 
 
+@pytest.mark.slow  # in-process, but over 5 s: CI runs it
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 def test_seed_loop_as_fit_epochs_on_2_replicas_equals_the_seed(
     seed, mirrored, policy):

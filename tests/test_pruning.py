@@ -101,6 +101,7 @@ def _checkpoint(workdir) -> dict:
           if "save_counter" not in n and "OBJECT_GRAPH" not in n}
 
 
+@pytest.mark.slow  # in-process, but over 5 s: CI runs it
 def test_pruned_digits_resume_is_exact_and_accuracy_stays_near_dense(
     tmp_path):
   pruning = dict(target_sparsity=0.8, begin_step=100, end_step=400,

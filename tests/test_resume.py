@@ -271,6 +271,7 @@ def test_nan_recovery_gives_up_after_its_bound(tmp_path):
   assert _input_offset(tmp_path) == 0  # the checkpoint on disk is untouched
 
 
+@pytest.mark.slow  # in-process, but over 5 s: CI runs it
 def test_async_checkpoints_equal_sync_ones_and_resume(tmp_path, mirrored):
   del mirrored  # the 2 logical CPUs: the async path under MirroredStrategy
   saved = {}

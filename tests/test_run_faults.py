@@ -66,6 +66,7 @@ def test_a_second_nan_recovery_skips_further_than_the_first(tmp_path, caplog):
   assert result.steps == 120 and _input_offset(tmp_path) == 60
 
 
+@pytest.mark.slow  # in-process, but over 5 s: CI runs it
 def test_resume_under_another_precision_policy(tmp_path, caplog):
   """Variables are float32 under every policy: a run continues under
   another one. It used to say 'no checkpoint ... can be read'."""
