@@ -119,6 +119,26 @@ def test_an_overflow_on_replica_1_skips_only_that_optimizer_everywhere(
   assert np.isfinite(logs["d_loss"]) and np.isfinite(logs["g_loss"])
 
 
+def test_grad_norm_of_an_optimizer_left_out_of_the_last_step_is_its_last(
+    mirrored):
+  """Alternating updates: the discriminator trains at steps 0 and 2, not at
+  the loop's last step 3. Its grad_norm is that of step 2 (what a loop of
+  steps 0-2 logs), not 0.0; a loop without a discriminator update leaves
+  the key out."""
+  data = tf.data.Dataset.from_tensor_slices(
+      (np.random.default_rng(0).normal(size=(32, 6)).astype(np.float32),
+       np.zeros(32, np.int32))).batch(8, drop_remainder=True)
+  one_loop = _trainer(mirrored)
+  logs = one_loop.train_steps(iter(one_loop.distribute(data)), 4)
+  split = _trainer(mirrored)
+  iterator = iter(split.distribute(data))
+  first, last = split.train_steps(iterator, 3), split.train_steps(iterator, 1)
+  assert first["grad_norm/discriminator"] > 0
+  assert logs["grad_norm/discriminator"] == first["grad_norm/discriminator"]
+  assert logs["grad_norm/generator"] == last["grad_norm/generator"] > 0
+  assert "grad_norm/discriminator" not in last  # step 3 made none
+
+
 @pytest.mark.parametrize("mistake, message", [
     (lambda b, s: s.apply(1.0, "critic"),
      "no optimizer of that name; the task's optimizers are ['discriminator', "

@@ -234,6 +234,30 @@ class PoisonWeights(TrainerCallback):
       bias.assign(bias * float("nan"))
 
 
+class StepsSeen(TrainerCallback):
+  """Records the global step at every host-loop end; asks for a loop end at
+  every multiple of `every`."""
+
+  def __init__(self, every: int):
+    super().__init__()
+    self.ends_loops_every, self.steps = every, []
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.steps.append(self.global_step)
+
+
+def test_checkpoints_and_callbacks_get_the_exact_steps_they_ask_for(tmp_path):
+  # Neither 5 nor 6 divides steps_per_loop=8: host loops (of at most 8
+  # steps) end at every multiple of 5 (checkpoints) and 6 (the callback).
+  seen = StepsSeen(every=6)
+  run(_config(steps=30, steps_per_loop=8, checkpoint_every=5),
+      str(tmp_path), callbacks=[seen])
+  assert seen.steps == [5, 6, 10, 12, 15, 18, 20, 24, 25, 30]
+  saved = sorted(int(name[5:-6]) for name in os.listdir(
+      tmp_path / "checkpoints") if name.endswith(".index"))
+  assert saved == [20, 25, 30]  # the newest 3 of 5, 10, ..., 30
+
+
 def _input_offset(workdir) -> int:
   reader = tf.train.load_checkpoint(str(workdir / "checkpoints"))
   return int(reader.get_tensor("input_offset/.ATTRIBUTES/VARIABLE_VALUE"))

@@ -358,7 +358,8 @@ class Checkpointer:
 
 
 class CheckpointEvery(TrainerCallback):
-  """Saves every `every` global steps (0 = never) and at the end of training.
+  """Saves every `every` global steps (0 = never) and at the end of training;
+  a host loop ends at each of those steps, whatever `steps_per_loop` is.
 
   Runs on every worker: saving is a collective (DESIGN.md fact 11).
   """
@@ -366,6 +367,7 @@ class CheckpointEvery(TrainerCallback):
   def __init__(self, checkpointer: Checkpointer, every: int):
     super().__init__()
     self.checkpointer, self.every, self._last = checkpointer, every, 0
+    self.ends_loops_every = every
 
   def on_train_begin(self, logs=None):
     self._last = self.global_step

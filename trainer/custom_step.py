@@ -8,8 +8,8 @@ from typing import Callable
 import tensorflow as tf
 
 from trainer.errors import ConfigError
-from trainer.step import (all_reduce_sum, average_statistics, pad_empty,
-                          replica_statistics)
+from trainer.step import (all_reduce_sum, average_statistics, lower_to_hlo,
+                          pad_empty, replica_statistics)
 from trainer.step_context import StepContext
 from trainer.update import OptimizerUpdate
 
@@ -74,6 +74,7 @@ class CustomStep:
                          for s in replica_statistics(m)]
                         if strategy.num_replicas_in_sync > 1 else [])
     self._applied = None  # [(name, variables)] of the traced step
+    self._conditional = None  # [bool]: its update has a `when` not always True
     self._log_names = None  # sorted keys of the dict train_step returns
     self._local = (tf.function(self._local_fn, jit_compile=True)
                    if jit_compile else self._local_fn)
@@ -81,6 +82,27 @@ class CustomStep:
   @property
   def loss_scales(self) -> dict[str, tf.Variable]:
     return {n: u.loss_scale for n, u in self.updates.items() if u.loss_scaled}
+
+  def check_compiles(self, batch_spec) -> None:
+    """Lowers the jit-compiled user step to HLO on zeros, in a replica
+    context (the step may ask for its replica), running nothing.
+
+    Args:
+      batch_spec: a nest of tf.TensorSpec, one replica's training batch.
+
+    Raises:
+      ConfigError: XLA refuses an op (trainer.step.lower_to_hlo).
+    """
+    if not isinstance(self._local, tf.types.experimental.PolymorphicFunction):
+      return  # not jit-compiled
+    batch = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),
+                                  batch_spec)
+    rows = tf.nest.flatten(batch)[0].shape[0]
+    n = self.strategy.num_replicas_in_sync
+    lower = lambda: self._local.experimental_get_compiler_ir(
+        batch, tf.constant(float(rows * n)), tf.constant(rows),
+        tf.constant(0))(stage="hlo")
+    self.strategy.run(lambda: lower_to_hlo(lower))
 
   def _counts(self, batch) -> tuple:
     """(global count float32, this replica's count, its first row in the
@@ -151,17 +173,26 @@ class CustomStep:
             lambda a=applied: [tf.zeros_like(v) for v in a.variables])
       grads.append(list(got))
     del tape
-    self._applied = [(a.name, a.variables) for a in ctx.applied]
-    self._log_names = sorted(logs)
+    self._record(ctx, logs)
     losses = [tf.where(a.when, a.loss, 0.0) for a in ctx.applied
               if a.loss is not None]
     total = tf.add_n(losses) if losses else tf.constant(0.0)
     whens = [tf.cast(a.when, tf.float32) for a in ctx.applied]
     return grads, total, whens, [logs[k] for k in self._log_names]
 
+  def _record(self, ctx: StepContext, logs: dict) -> None:
+    """Keeps what tracing the user's step told: its updates, their
+    `when`s and its log names."""
+    self._applied = [(a.name, a.variables) for a in ctx.applied]
+    self._conditional = [tf.get_static_value(a.when) is not True
+                         for a in ctx.applied]
+    self._log_names = sorted(logs)
+
   def replica_step(self, batch, want_norm=True) -> dict:
     """Replica context: the user's step, one all-reduce, then per optimizer
-    finiteness, unscale and clip (all values identical on replicas)."""
+    finiteness, unscale and clip (all values identical on replicas). The
+    norm of an update with a `when` is taken whenever it is made (the
+    loop logs its last one), of the others only if `want_norm`."""
     global_count, count, row_offset = self._counts(batch)
     grads, total, whens, logs = self._local(batch, global_count, count,
                                             row_offset)
@@ -171,21 +202,22 @@ class CustomStep:
     if n_replicas > 1:
       flat = average_statistics(self._statistics, tf.cast(count, tf.float32),
                                 flat, all_reduce_sum)
-    out = {"grads": [], "finite": [], "norm": [], "when": [],
-           "count": global_count}
-    at = 0
-    for (name, _), size in zip(self._applied, sizes):
-      finished, finite, norm = self.updates[name].finish(flat[at:at + size],
-                                                         want_norm)
-      out["grads"].append(finished)
-      out["finite"].append(finite)
-      out["norm"].append(norm)
-      at += size
+    out = {"grads": [], "finite": [], "norm": [], "count": global_count}
+    at = sum(sizes)
     out["total"] = flat[at]
     # An update is made only where every replica asked for it.
     out["when"] = [w > n_replicas - 0.5
                    for w in flat[at + 1:at + 1 + len(whens)]]
     out["logs"] = flat[at + 1 + len(whens):]
+    at = 0
+    for (name, _), size, when, conditional in zip(
+        self._applied, sizes, out["when"], self._conditional):
+      finished, finite, norm = self.updates[name].finish(
+          flat[at:at + size], when if conditional else want_norm)
+      out["grads"].append(finished)
+      out["finite"].append(finite)
+      out["norm"].append(norm)
+      at += size
     return out
 
   @property
@@ -204,8 +236,7 @@ class CustomStep:
       def replica(batch):
         counts = self._counts(batch)
         logs, ctx = self._run_user_step(batch, *counts)
-        self._applied = [(a.name, a.variables) for a in ctx.applied]
-        self._log_names = sorted(logs)
+        self._record(ctx, logs)
         return counts[0]
 
       trace = tf.function(lambda b: self.strategy.run(replica, args=(b,)))
@@ -215,9 +246,16 @@ class CustomStep:
     sums = {"loss_sum": zero, "count": zero, "skipped": zero}
     sums.update({f"skipped/{n}": zero for n in names})
     sums.update({f"log/{k}": zero for k in logs if k != "loss"})
-    last = ({"grad_norm": zero} if len(self.updates) == 1 else
-            {f"grad_norm/{n}": zero for n in names})
-    return {"sum": sums, "last": last}
+    # -1: no update made yet in the host loop (its key is left out).
+    norms = [tf.constant(-1.0) if c else zero for c in self._conditional]
+    return {"sum": sums, "last": self._norm_logs(norms)}
+
+  def _norm_logs(self, values: list) -> dict:
+    """{grad_norm: value} for one optimizer, else {grad_norm/<name>: ...}."""
+    names, _ = self._names()
+    if len(self.updates) == 1:
+      return {"grad_norm": values[0]}
+    return {f"grad_norm/{n}": v for n, v in zip(names, values)}
 
   def __call__(self, batch, want_norm=True) -> dict:
     """One step in cross-replica context; see TrainStep.__call__. Adds
@@ -242,10 +280,11 @@ class CustomStep:
     logs = dict(zip(log_names, [first(v) for v in out["logs"]]))
     sums["loss_sum"] = logs.pop("loss", first(out["total"])) * count
     sums.update({f"log/{k}": v * count for k, v in logs.items()})
-    norms = [first(n) for n in out["norm"]]
-    last = ({"grad_norm": norms[0]} if len(self.updates) == 1 else
-            {f"grad_norm/{n}": v for n, v in zip(names, norms)})
+    last = self._norm_logs([first(n) for n in out["norm"]])
+    made = self._norm_logs([first(w) for w in out["when"]])
     step = self.global_step.assign_add(1)
     if self._after_update is not None:
       self._after_update(step)
-    return {"sum": sums, "last": last}
+    return {"sum": sums, "last": last,
+            "last_if": {k: made[k] for k, c in zip(last, self._conditional)
+                        if c}}

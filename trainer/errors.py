@@ -4,6 +4,8 @@ The launcher prints these as one line (`error: <message>`) and exits with
 status 2; every other exception is a bug and keeps its traceback.
 """
 
+import re
+
 
 class UserError(Exception):
   """Bad input from the user; the message names the problem and the fix."""
@@ -34,10 +36,28 @@ class TrainingDiverged(RuntimeError):
     self.checkpoint = None  # the last good checkpoint, if the run keeps any
 
 
+_KERAS_CALL = re.compile(r"Exception encountered when calling ([\w.]+\(\))")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LONGEST = 300  # characters of a message kept (a tensor's values can follow)
+
+
 def first_line(error: Exception) -> str:
-  """`Type: first non-blank line of the message`, for one-line reports."""
-  lines = [l for l in str(error).strip().splitlines() if l.strip()]
-  return f"{type(error).__name__}: {lines[0].strip() if lines else ''}"
+  """`Type: first non-blank line of the message`, for one-line reports.
+
+  Keras wraps an error inside a layer as "Exception encountered when calling
+  Layer.call()." with the cause on a later line: then the cause's first line
+  and the layer, e.g. `InvalidArgumentError in Activation.call(): cannot
+  compute Sub as input #1(zero-based) was expected to be a half tensor ...`.
+  """
+  text = _ANSI.sub("", str(error)).strip()
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  where = _KERAS_CALL.match(lines[0]) if lines else None
+  if where and len(lines) > 1 and not lines[1].startswith("Arguments "):
+    line = f"{type(error).__name__} in {where.group(1)}: {lines[1]}"
+  else:
+    line = f"{type(error).__name__}: {lines[0] if lines else ''}"
+  line = re.sub(r"\s*name:\s*$", "", line)  # TensorFlow's empty op name
+  return line if len(line) <= _LONGEST else line[:_LONGEST - 3] + "..."
 
 
 def untraced_message(error: Exception) -> str:

@@ -1,9 +1,11 @@
 """The epoch and host loops of `Trainer.fit` (trainer/loop.py).
 
 Per epoch: host loops of up to `steps_per_loop` steps (`Trainer.train_steps`),
-the Keras callback hooks around each with global logs, evaluation every
-`eval_every` steps and at the epoch end, and after every hook the workers'
-agreement on stop, learning rate and preemption (DESIGN.md fact 11).
+cut at every `eval_every` step and every step a callback asks for
+(`ends_loops_every`, e.g. checkpoints), the Keras callback hooks around each
+with global logs, evaluation every `eval_every` steps and at the epoch end,
+and after every hook the workers' agreement on stop, learning rate and
+preemption (DESIGN.md fact 11).
 """
 
 import keras
@@ -23,6 +25,10 @@ def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
   `_agree_on_decisions`, `_evaluate_with_callbacks`): it is the Trainer's
   own loop, in a file of its own."""
   history = keras.callbacks.History()
+  # Host loops end at these multiples of the global step (the same on
+  # every worker: computed before chief-only callbacks are dropped).
+  boundaries = [every for every in [eval_every, *(
+      getattr(cb, "ends_loops_every", 0) for cb in callbacks)] if every > 0]
   callbacks = [cb for cb in callbacks
                if trainer.is_chief or not runs_on_chief_only(cb)] + [history]
   for cb in callbacks:
@@ -55,8 +61,8 @@ def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
     while epoch_end is None or step < epoch_end:
       todo = trainer.steps_per_loop if epoch_end is None else min(
           trainer.steps_per_loop, epoch_end - step)
-      if eval_every:
-        todo = min(todo, eval_every - step % eval_every)
+      for every in boundaries:
+        todo = min(todo, every - step % every)
       callback_list.on_train_batch_begin(step - epoch_start)
       out = trainer.train_steps(iterator, todo,
                              reset_metrics=step == first_step)

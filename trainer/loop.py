@@ -191,7 +191,10 @@ class Trainer:
         out = self.step(optional.get_value(), want_norm=is_last)
         steps += 1
         sums = {k: sums[k] + v for k, v in out["sum"].items()}
-        last = {k: tf.where(is_last, v, last[k])
+        # `last_if`: a value kept from the last step that made it (an
+        # update with `when`), else from the loop's last step.
+        made = out.get("last_if", {})
+        last = {k: tf.where(made.get(k, is_last), v, last[k])
                 for k, v in out["last"].items()}
     out = {"steps": steps, "sum": sums, "last": last}
     if timed:

@@ -48,7 +48,9 @@ def host_loop_logs(out: dict, elapsed: float, *, several_optimizers: bool,
           "learning_rate": learning_rate}
   if "input_wait" in out:  # not measured under op determinism
     logs["input_wait"] = min(float(out["input_wait"]) / elapsed, 1.0)
-  logs.update({k: float(v) for k, v in out["last"].items()})
+  # A norm below 0: that optimizer made no update in this loop.
+  logs.update({k: float(v) for k, v in out["last"].items()
+               if not (k.startswith("grad_norm") and v < 0)})
   for key, value in sums.items():  # a task's own step (step_context.py)
     if key.startswith("skipped/") and several_optimizers:
       logs[f"skipped_steps/{key[8:]}"] = int(value)

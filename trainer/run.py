@@ -184,8 +184,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str | None, *,
       grad_accum_steps=config.train.grad_accum_steps,
       min_loss_scale=config.precision.min_loss_scale, seed=config.seed,
       pruning=pruning.schedule_from_config(config.pruning, config.train.steps))
-  if (config.train.jit_compile and config.train.deterministic and
-      train_step is None):
+  if config.train.jit_compile and config.train.deterministic:
     trainer.step.check_compiles(_per_replica_spec(train, config, n))
 
   trainer.workdir = workdir

@@ -165,6 +165,28 @@ def all_reduce_sum(values: list) -> list:
       tf.distribute.ReduceOp.SUM, values)
 
 
+
+def lower_to_hlo(lower: Callable[[], object]) -> None:
+  """Runs `lower` (an `experimental_get_compiler_ir(...)(stage="hlo")`
+  call) and turns XLA's refusal of an op into one ConfigError line.
+
+  Raises:
+    ConfigError: XLA refuses an op, e.g. MaxPool's gradient under op
+      determinism (DESIGN.md fact 18).
+  """
+  try:
+    lower()
+  except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError,
+          ValueError) as e:  # ValueError: "Failed getting HLO text: ..."
+    if isinstance(e, ValueError) and "HLO" not in str(e):
+      raise  # the model's own bug, not XLA's refusal
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    first = first.replace("Failed getting HLO text: '", "")
+    raise ConfigError(
+        f"XLA cannot compile this model's train step with "
+        f"train.deterministic=True ({first.rstrip('.')}); turn off "
+        "train.jit_compile or train.deterministic") from None
+
 class TrainStep:
   """Builds the per-step functions for one model, optimizer and strategy.
 
@@ -236,20 +258,9 @@ class TrainStep:
     rows = lambda s: [s.shape[0] // self.accum_steps, *s.shape[1:]]
     batch = tf.nest.map_structure(lambda s: tf.zeros(rows(s), s.dtype),
                                   batch_spec)
-    try:
-      with self.strategy.scope():
-        self._local_grads.experimental_get_compiler_ir(
-            batch, tf.constant(1.0))(stage="hlo")
-    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError,
-            ValueError) as e:  # ValueError: "Failed getting HLO text: ..."
-      if isinstance(e, ValueError) and "HLO" not in str(e):
-        raise  # the model's own bug, not XLA's refusal
-      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-      first = first.replace("Failed getting HLO text: '", "")
-      raise ConfigError(
-          f"XLA cannot compile this model's train step with "
-          f"train.deterministic=True ({first.rstrip('.')}); turn off "
-          "train.jit_compile or train.deterministic") from None
+    with self.strategy.scope():
+      lower_to_hlo(lambda: self._local_grads.experimental_get_compiler_ir(
+          batch, tf.constant(1.0))(stage="hlo"))
 
   updates_metrics = True  # the train metrics see every step's predictions
   log_names = ()  # more values the step logs (a task's own step has some)

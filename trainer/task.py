@@ -48,8 +48,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.data import files as files_lib
+from trainer.data import pipeline
 from trainer.data.files import Files
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError, DataError, first_line
 
 REQUIRED = ("build_model", "train_data", "eval_data", "build_losses",
             "build_metrics")
@@ -165,6 +166,7 @@ def examples(value, method: str) -> Examples:
     return Examples(dataset, None,
                     None if counts is None else int(sum(counts)), files=value)
   if isinstance(value, tf.data.Dataset):
+    value = pipeline.unbatched(value, what)
     _check_elements(value.element_spec, f"{what} a Dataset of")
     cardinality = int(value.cardinality())
     if cardinality == 0:
@@ -254,7 +256,7 @@ def build_variables(model, train: Examples) -> None:
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(
           "the model from build_model() does not take x from train_data() "
-          f"(2 examples): {_first_line(e)}") from None
+          f"(2 examples): {first_line(e)}") from None
 
 
 def check_task(task, model: keras.Model, train: Examples, *,
@@ -279,20 +281,20 @@ def check_task(task, model: keras.Model, train: Examples, *,
       per_example, outputs = compute_loss(model, batch, False)
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(f"{step} failed on 2 examples of train_data(): "
-                        f"{_first_line(e)}") from None
+                        f"{first_line(e)}") from None
   else:
     try:
       outputs = main(x, training=False)
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(
           f"the model from build_model() does not take x from train_data() "
-          f"(2 examples, shape {shape(x)}): {_first_line(e)}") from None
+          f"(2 examples, shape {shape(x)}): {first_line(e)}") from None
     step = (f"build_losses(labels {shape(y)}, model_outputs "
             f"{shape(outputs)})")
     try:
       per_example = task.build_losses(y, outputs)
     except Exception as e:  # pylint: disable=broad-except
-      raise ConfigError(f"{step} failed: {_first_line(e)}; do the model's "
+      raise ConfigError(f"{step} failed: {first_line(e)}; do the model's "
                         "outputs fit the labels?") from None
   rows = len(tf.nest.flatten(y)[0])
   got = tuple(getattr(per_example, "shape", ()))
@@ -307,9 +309,5 @@ def check_task(task, model: keras.Model, train: Examples, *,
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(f"metric {metric.name!r} from build_metrics() fails "
                         f"on labels {shape(y)} and model outputs "
-                        f"{shape(outputs)}: {_first_line(e)}") from None
+                        f"{shape(outputs)}: {first_line(e)}") from None
 
-
-def _first_line(error: Exception) -> str:
-  lines = [l for l in str(error).strip().splitlines() if l.strip()]
-  return f"{type(error).__name__}: {lines[0] if lines else ''}"

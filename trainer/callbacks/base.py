@@ -33,6 +33,10 @@ class TrainerCallback(keras.callbacks.Callback):
   """
 
   chief_only = False
+  # > 0: a host loop ends at every multiple of this global step, so
+  # on_train_batch_end sees that step exactly (CheckpointEvery uses it);
+  # give every worker the same callbacks.
+  ends_loops_every = 0
 
   def __init__(self):
     super().__init__()

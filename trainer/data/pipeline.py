@@ -10,8 +10,56 @@ a resume without replay.
 from typing import Callable
 
 import tensorflow as tf
+from absl import logging
 
 from trainer.data import file_shard
+from trainer.errors import DataError
+
+# tf.data's classes for `batch`, `batch(num_parallel_calls=)`, `rebatch`
+# (unbatched again exactly) and for batches that pad or turn ragged (not).
+_BATCHES = {"_BatchDataset": "batch", "_ParallelBatchDataset": "batch",
+            "_RebatchDataset": "rebatch"}
+_PADDED = {"_PaddedBatchDataset": "padded_batch",
+           "_DenseToRaggedDataset": "ragged_batch"}
+
+
+def _batching(dataset: tf.data.Dataset) -> str | None:
+  """The batching transformation (`batch`, `padded_batch`...) that the
+  elements of `dataset` come from, or None when they are examples (never
+  batched, or unbatched after it)."""
+  found, todo = None, [dataset]
+  while todo:
+    node = todo.pop()
+    name = type(node).__name__
+    if name == "_UnbatchDataset":
+      continue  # whatever was batched below was unbatched again
+    if name in _PADDED:
+      return _PADDED[name]
+    found = found or _BATCHES.get(name)
+    todo.extend(node._inputs())  # pylint: disable=protected-access
+  return found
+
+
+def unbatched(dataset: tf.data.Dataset, what: str) -> tf.data.Dataset:
+  """`dataset` as examples: the Keras habit `...shuffle(n).batch(32)` is
+  unbatched (the trainer batches by `data.global_batch_size`), and logged.
+
+  Raises:
+    DataError: it is batched with padding or ragged rows, which unbatching
+      cannot undo into examples of one shape.
+  """
+  how = _batching(dataset)
+  if how is None:
+    return dataset
+  if how in _PADDED.values():
+    raise DataError(f"{what} a Dataset made by {how}(); return unbatched "
+                    "examples (the trainer batches them by "
+                    "data.global_batch_size): pad or cut them to one shape "
+                    "in your map, or pad inside the model")
+  logging.warning("%s a batched Dataset (%s()); the trainer unbatches it and "
+                  "batches by data.global_batch_size instead: return "
+                  "examples to skip the extra work", what, how)
+  return dataset.unbatch()
 
 
 def input_fn(examples: tf.data.Dataset, *, global_batch_size: int,
