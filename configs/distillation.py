@@ -2,7 +2,7 @@
 
 A frozen teacher (a wide MLP) and a small student trained on the teacher's
 softened outputs plus the labels, written as the task's own `train_step`
-(trainer/step_context.py). The teacher is loaded from a finished run's
+(trainer/step/context.py). The teacher is loaded from a finished run's
 workdir (`user.teacher_workdir`, e.g. one of configs/digits.py) or, without
 one, trained in this process when the run starts (a resumed run restores
 it from its checkpoint) with the framework's Python API (`Trainer.fit`)
@@ -20,8 +20,8 @@ from absl import logging
 from trainer.callbacks import TrainerCallback
 from trainer.config import default_config
 from trainer.errors import ConfigError, UserError
-from trainer.loop import Trainer
-from trainer.restore import restore
+from trainer.fit.trainer import Trainer
+from trainer.checkpoint.restore import restore
 from trainer.tasks.image_classification import ImageClassification
 
 

@@ -2,7 +2,7 @@
 
 Two models (generator, discriminator), two optimizers, alternating updates
 (the discriminator on even steps, the generator on odd ones), written as the
-task's own `train_step` (trainer/step_context.py). Train logs: `d_loss`,
+task's own `train_step` (trainer/step/context.py). Train logs: `d_loss`,
 `g_loss`, each optimizer's `loss_scale/...` and `skipped_steps/...`;
 TensorBoard gets a 4x4 grid of samples (`tensorboard/samples`) at every
 epoch end. Evaluation: the discriminator's loss and accuracy on held-out

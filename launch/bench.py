@@ -202,7 +202,7 @@ def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   devices = sorted({int(d) for d in _DEVICES.value})
-  from trainer.strategy import configure_cpu_devices  # pylint: disable=import-outside-toplevel
+  from trainer.distribute.strategy import configure_cpu_devices  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   if not tf.config.list_physical_devices("GPU"):
     configure_cpu_devices(max(devices))

@@ -94,7 +94,7 @@ class Ours:
   def __init__(self, case, strategy, data=None, persistent=False,
                jit_compile=False):
     import keras  # pylint: disable=import-outside-toplevel
-    from trainer.loop import Trainer  # pylint: disable=import-outside-toplevel
+    from trainer.fit.trainer import Trainer  # pylint: disable=import-outside-toplevel
     with strategy.scope():
       model = _model(case)
     self.trainer = Trainer(

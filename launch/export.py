@@ -14,7 +14,7 @@ format: size, the task's metrics on its eval data, max |output difference|
 from the float32 model and, for classification outputs, argmax agreement);
 prints the report as a table. A format that cannot apply to the model (no
 layer Keras quantizes, ops TFLite lacks) is reported as skipped, with the
-reason. See trainer/export.py.
+reason. See trainer/export/exporter.py.
 
 Exit status: 0 done (skipped formats included); 1 some format failed (the
 others are written, the failure is in the table and report.json); 2 bad
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value:
     fail("--workdir is required: the directory of a `launch.train` run")
   logging.set_verbosity(logging.WARNING)  # TF's SavedModel writer is chatty
-  from trainer import export as export_lib  # pylint: disable=import-outside-toplevel
+  from trainer.export import exporter as export_lib  # pylint: disable=import-outside-toplevel
   from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
   try:
     formats = export_lib.parse_formats(_FORMATS.value)

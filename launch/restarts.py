@@ -53,7 +53,7 @@ def workdir_of(argv: list[str]) -> str | None:
 
 def checkpoint_step(workdir: str | None) -> int:
   """The global step of the latest checkpoint in `workdir` (0 if none):
-  checkpoints are named ckpt-<step> (trainer/checkpoint.py)."""
+  checkpoints are named ckpt-<step> (trainer/checkpoint/checkpointer.py)."""
   if not workdir:
     return 0
   try:

@@ -12,7 +12,7 @@ Exit status: 0 done; 1 --testing FAIL; 2 bad input (one `error: ...` line);
 3 training diverged (NaN/inf loss without a loss scale, or a mixed_float16
 loss scale below precision.min_loss_scale; checkpoints kept intact);
 4 stalled (multi-worker: no host-loop progress for
-distribution.collective_timeout seconds; trainer/watchdog.py);
+distribution.collective_timeout seconds; trainer/distribute/watchdog.py);
 5 a checkpoint could not be written (disk full; the last complete one is
 intact and the same command resumes from it);
 75 preempted by SIGTERM (checkpoint saved at the next step boundary).
@@ -123,7 +123,7 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value and not _TESTING.value:
     fail("--workdir is required (it may be omitted with --testing)")
   from trainer import run as run_lib  # pylint: disable=import-outside-toplevel
-  from trainer.checkpoint import CheckpointWriteError  # pylint: disable=import-outside-toplevel
+  from trainer.checkpoint.checkpointer import CheckpointWriteError  # pylint: disable=import-outside-toplevel
   from trainer.errors import TrainingDiverged, UserError  # pylint: disable=import-outside-toplevel
   config_path = flags.FLAGS["config"].config_filename
   try:

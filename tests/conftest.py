@@ -12,7 +12,7 @@ import keras  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=wrong-import-position
 
-from trainer.strategy import configure_cpu_devices  # pylint: disable=wrong-import-position
+from trainer.distribute.strategy import configure_cpu_devices  # pylint: disable=wrong-import-position
 
 configure_cpu_devices(2)
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from configs import digits
 from trainer import data as data_lib
-from trainer import optimizers
+from trainer.optimize import optimizers
 from trainer.callbacks import read_metrics
 from trainer.run import run
 

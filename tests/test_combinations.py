@@ -19,11 +19,11 @@ import pytest
 import tensorflow as tf
 
 from trainer import data as data_lib
-from trainer import models
-from trainer.checkpoint import Checkpointer
+from trainer.tasks import models
+from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.config import default_config
-from trainer.loop import Trainer
-from trainer.pruning import PruningSchedule
+from trainer.fit.trainer import Trainer
+from trainer.optimize.pruning import PruningSchedule
 
 pytestmark = pytest.mark.slow  # in-process, ~100 s in all: CI runs it
 

@@ -11,7 +11,7 @@ import pytest
 from trainer import config as config_lib
 from trainer.errors import ConfigError, UserError
 from trainer.run import run
-from trainer.workdir import check_resume_config, read_saved_config
+from trainer.checkpoint.workdir import check_resume_config, read_saved_config
 
 HINT = ("(every key and its default is in trainer/config.py; settings of "
         "your own code go under 'user.')")

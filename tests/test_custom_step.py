@@ -1,4 +1,4 @@
-"""A task's own train_step (trainer/step_context.py): several models and
+"""A task's own train_step (trainer/step/context.py): several models and
 optimizers, exact across replicas; the GAN and distillation examples."""
 
 import importlib
@@ -11,7 +11,7 @@ import tensorflow as tf
 from conftest import run_modules
 from trainer.callbacks import read_metrics
 from trainer.errors import ConfigError
-from trainer.loop import Trainer
+from trainer.fit.trainer import Trainer
 from trainer.run import run
 
 INF = float("inf")

@@ -8,7 +8,7 @@ import tensorflow as tf
 from trainer import data as data_lib
 from trainer.config import default_config
 from trainer.errors import ConfigError, DataError
-from trainer.loop import Trainer
+from trainer.fit.trainer import Trainer
 
 
 def test_digits_split_is_fixed_and_disjoint():

@@ -1,4 +1,4 @@
-"""Export and post-training quantization of a trained run (trainer/export.py,
+"""Export and post-training quantization of a trained run (trainer/export/exporter.py,
 launch/export.py): every format loads, computes what the float32 model
 computes within its format's tolerance, and the report says what we measure.
 """
@@ -15,9 +15,11 @@ import tensorflow as tf
 import trainer  # registers trainer.layers for keras.models.load_model
 from configs import digits
 from conftest import run_module, run_modules
-from trainer import export as export_lib
-from trainer import export_formats, layers, models
-from trainer import restore as restore_lib
+from trainer.export import exporter as export_lib
+from trainer import layers
+from trainer.export import formats as export_formats
+from trainer.tasks import models
+from trainer.checkpoint import restore as restore_lib
 from trainer import run as run_lib
 from trainer import task as task_lib
 from trainer.data import DataInfo

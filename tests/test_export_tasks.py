@@ -20,10 +20,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, run_module
-from trainer import model_state as model_state_lib
-from trainer import export_formats
-from trainer import restore as restore_lib
-from trainer import signature as signature_lib
+from trainer.checkpoint import model_state as model_state_lib
+from trainer.export import formats as export_formats
+from trainer.checkpoint import restore as restore_lib
+from trainer.export import signature as signature_lib
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
@@ -89,7 +89,8 @@ except Exception as e:
 {importer}
 model = keras.models.load_model(export + "model.keras")
 int8 = keras.models.load_model(export + "model_int8.keras")
-from trainer import restore, task as task_lib
+from trainer import task as task_lib
+from trainer.checkpoint import restore
 run = restore.restore(sys.argv[1])
 batch = next(iter(task_lib.examples(run.task.eval_data(), "eval_data")
                   .dataset.batch(64)))

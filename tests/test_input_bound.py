@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from trainer.loop import Trainer
+from trainer.fit.trainer import Trainer
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
                                                   reduction="none")

@@ -11,8 +11,8 @@ import tensorflow as tf
 
 from configs.custom_dense import MyDense
 from conftest import ROOT, run_module
-from trainer import inputs as inputs_lib
-from trainer.loop import Trainer
+from trainer.fit import inputs as inputs_lib
+from trainer.fit.trainer import Trainer
 
 EPOCHS, BATCH = 10, 32
 

@@ -7,10 +7,10 @@ import tensorflow as tf
 
 from trainer import data as data_lib
 from trainer import layers
-from trainer import models
+from trainer.tasks import models
 from trainer.config import default_config
 from trainer.data import DataInfo
-from trainer.loop import Trainer
+from trainer.fit.trainer import Trainer
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
                                                   reduction="none")

@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 
 from trainer import data as data_lib
-from trainer import models
+from trainer.tasks import models
 from trainer.config import default_config
-from trainer.loop import Trainer
+from trainer.fit.trainer import Trainer
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
                                                   reduction="none")

@@ -11,8 +11,8 @@ import tensorflow as tf
 from configs import digits
 from trainer import data as data_lib
 from trainer.errors import ConfigError
-from trainer.loop import Trainer
-from trainer.pruning import PruningSchedule
+from trainer.fit.trainer import Trainer
+from trainer.optimize.pruning import PruningSchedule
 from trainer.run import run
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
@@ -142,7 +142,7 @@ def test_saved_model_keeps_the_zeros_without_masks(tmp_path, one_device):
 
 
 def test_export_of_a_pruned_run_keeps_the_exact_sparsity(tmp_path):
-  from trainer import export as export_lib  # pylint: disable=import-outside-toplevel
+  from trainer.export import exporter as export_lib  # pylint: disable=import-outside-toplevel
   config = _config(200, target_sparsity=0.8, begin_step=20, end_step=100,
                    frequency=20)
   result = run(config, str(tmp_path))
@@ -167,7 +167,7 @@ def test_masks_restore_by_position_and_from_checkpoints_keyed_by_path(
   differ in the resuming process (`dense_3`, not `dense`) gets them back;
   a checkpoint that keyed them by path (before) restores into the model it
   was written from."""
-  from trainer.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from trainer.checkpoint.checkpointer import Checkpointer  # pylint: disable=import-outside-toplevel
 
   def trainer():
     with one_device.scope():

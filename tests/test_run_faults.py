@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_module
-from trainer import checkpoint as checkpoint_lib
-from trainer import model_state as model_state_lib
+from trainer.checkpoint import checkpointer as checkpoint_lib
+from trainer.checkpoint import model_state as model_state_lib
 from trainer.callbacks import read_metrics
 from trainer.run import run
 from test_resume import PoisonWeights, _config, _input_offset
@@ -98,7 +98,9 @@ def test_a_mixed_float16_checkpoint_of_the_earlier_layout_resumes(tmp_path,
   run(config, str(tmp_path / "new"))
   # Rewrite the checkpoint in the earlier layout from a restored run.
   import keras  # pylint: disable=import-outside-toplevel
-  from trainer import data as data_lib, models, optimizers  # pylint: disable=import-outside-toplevel
+  from trainer import data as data_lib  # pylint: disable=import-outside-toplevel
+  from trainer.optimize import optimizers  # pylint: disable=import-outside-toplevel
+  from trainer.tasks import models
   keras.mixed_precision.set_dtype_policy("mixed_float16")
   try:
     source = data_lib.load_source(config.data, 0)

@@ -1,11 +1,11 @@
 """Serving signatures from a model's own inputs and outputs
-(trainer/signature.py): names by dict key, by input and by layer."""
+(trainer/export/signature.py): names by dict key, by input and by layer."""
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import signature as signature_lib
+from trainer.export import signature as signature_lib
 
 
 def test_signature_names_dict_inputs_and_outputs_by_key():

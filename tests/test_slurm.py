@@ -18,7 +18,7 @@ import types
 import pytest
 import tensorflow as tf
 
-from trainer import strategy as strategy_lib
+from trainer.distribute import strategy as strategy_lib
 from trainer.errors import ConfigError
 
 pytestmark = [

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import data as data_lib
-from trainer.loop import Trainer
+from trainer.fit.trainer import Trainer
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
                                                   reduction="none")

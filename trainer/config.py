@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.synthetic_examples = 4096
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "mlp"  # see trainer.models.MODELS
+  c.model.name = "mlp"  # see trainer.tasks.models.MODELS
   c.model.width = 128  # hidden units (mlp) or base filters (cnn, resnet)
   c.model.depth = 2  # hidden layers (mlp) or blocks per stage (resnet)
   c.model.dropout = 0.0
@@ -86,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.jit_compile = False
   c.train.deterministic = False
 
-  c.pruning = ml_collections.ConfigDict()  # magnitude pruning (trainer/pruning.py)
+  c.pruning = ml_collections.ConfigDict()  # magnitude pruning (trainer/optimize/pruning.py)
   c.pruning.target_sparsity = 0.0  # 0 = off; else the fraction of each kernel zeroed
   c.pruning.initial_sparsity = 0.0
   c.pruning.begin_step = 0
@@ -101,7 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
   # multi_worker: a worker whose host loop makes no progress (a train loop,
   # an evaluation, a checkpoint save) for this many seconds ends itself
   # (exit 4), so a stuck worker ends the job instead of blocking the others
-  # forever (trainer/watchdog.py); 0 = wait forever. A dead or frozen worker
+  # forever (trainer/distribute/watchdog.py); 0 = wait forever. A dead or frozen worker
   # ends the job sooner: TensorFlow's coordination service sees it.
   c.distribution.collective_timeout = 600.0
 

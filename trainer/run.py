@@ -24,14 +24,16 @@ from absl import logging
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import data as data_lib
-from trainer import optimizers, precision, pruning
+from trainer.optimize import optimizers
+from trainer.optimize import precision
+from trainer.optimize import pruning
 from trainer import task as task_lib
-from trainer import strategy as strategy_lib
-from trainer.checkpoint import CheckpointEvery, Checkpointer
+from trainer.distribute import strategy as strategy_lib
+from trainer.checkpoint.checkpointer import CheckpointEvery, Checkpointer
 from trainer.errors import ConfigError, TrainingDiverged
-from trainer.loop import Trainer
-from trainer.watchdog import Watchdog
-from trainer.workdir import (check_resume_config, check_workdir_writable,
+from trainer.fit.trainer import Trainer
+from trainer.distribute.watchdog import Watchdog
+from trainer.checkpoint.workdir import (check_resume_config, check_workdir_writable,
                              fix_pruning_schedule, read_saved_config)
 
 TESTING_STEPS = 6  # train steps in --testing mode

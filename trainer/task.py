@@ -28,7 +28,7 @@ optional:
   build_optimizer() -> keras Optimizer  else `optimizer.*` from the config;
                                         or {model name: optimizer}
   train_step(batch, step) -> {name: scalar}   your own step
-                                        (trainer/step_context.py); the
+                                        (trainer/step/context.py); the
                                         losses and metrics then evaluate
 
 Its own settings live in the config's `user` section (never checked).

@@ -15,7 +15,7 @@ def main() -> None:
   out = next(a.split("=", 1)[1] for a in sys.argv[1:]
              if a.startswith("--out="))
   import trainer  # pylint: disable=import-outside-toplevel
-  from trainer.loop import Trainer  # pylint: disable=import-outside-toplevel
+  from trainer.fit.trainer import Trainer  # pylint: disable=import-outside-toplevel
   strategy = trainer.build_strategy("multi_worker")
   index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
   rng = np.random.default_rng(0)

@@ -1,1 +1,5 @@
-"""Built-in tasks (trainer/task.py has the contract they follow)."""
+"""The built-in experiments: image classification on the models of
+models.py (MODELS: mlp, cnn, resnet, resnet50). A task like any user's.
+
+May import: trainer.data, trainer.layers, trainer.errors.
+"""

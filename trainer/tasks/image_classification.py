@@ -2,7 +2,7 @@
 
 digits (offline default), synthetic, image_folder, tfrecord or a TFDS image
 dataset (trainer/data/sources.py);
-the models of trainer.models; sparse cross-entropy from logits; accuracy.
+the models of trainer.tasks.models; sparse cross-entropy from logits; accuracy.
 It is one Task like a user's (trainer/task.py): `task` defaults to it.
 """
 
@@ -12,7 +12,7 @@ import keras
 import ml_collections
 
 from trainer import data as data_lib
-from trainer import models
+from trainer.tasks import models
 
 
 class ImageClassification:

@@ -1,6 +1,6 @@
 """Runs a task's own `train_step(batch, step)` under a strategy
-(trainer/step_context.py has the `step` it gets): the same interface to the
-Trainer's loop as trainer/step.py's TrainStep, one update per optimizer.
+(trainer/step/context.py has the `step` it gets): the same interface to the
+Trainer's loop as trainer/step/builtin.py's TrainStep, one update per optimizer.
 """
 
 from typing import Callable
@@ -8,10 +8,9 @@ from typing import Callable
 import tensorflow as tf
 
 from trainer.errors import ConfigError
-from trainer.step import (all_reduce_sum, average_statistics, lower_to_hlo,
-                          pad_empty, replica_statistics)
-from trainer.step_context import StepContext
-from trainer.update import OptimizerUpdate
+from trainer.step.replica import all_reduce_sum, average_statistics, lower_to_hlo, pad_empty, replica_statistics
+from trainer.step.context import StepContext
+from trainer.step.update import OptimizerUpdate
 
 # Log names the trainer writes itself (and their `<name>/...` forms); a
 # train_step may return `loss`, which replaces the sum of the applied losses.
@@ -37,7 +36,7 @@ def _gradients(tape, loss, variables) -> list:
 class CustomStep:
   """Runs a task's `train_step(batch, step)` under a strategy, one update per
   optimizer it applies; the same interface to the Trainer's loop as
-  trainer.step.TrainStep.
+  trainer.step.builtin.TrainStep.
 
   Args:
     train_step: the task's `train_step(batch, step: StepContext) -> dict`.
@@ -91,7 +90,7 @@ class CustomStep:
       batch_spec: a nest of tf.TensorSpec, one replica's training batch.
 
     Raises:
-      ConfigError: XLA refuses an op (trainer.step.lower_to_hlo).
+      ConfigError: XLA refuses an op (trainer.step.replica.lower_to_hlo).
     """
     if not isinstance(self._local, tf.types.experimental.PolymorphicFunction):
       return  # not jit-compiled

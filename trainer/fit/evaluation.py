@@ -3,7 +3,7 @@
 One pass over the data; every example counts once, whatever the batch and
 replica count: a partial last batch is averaged over its real size, and a
 replica that receives no example runs the model on one zero row whose
-outputs are dropped (trainer/step.py `call_nonempty`).
+outputs are dropped (trainer/step/builtin.py `call_nonempty`).
 """
 
 from typing import Callable
@@ -11,7 +11,8 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
-from trainer.step import ComputeLoss, call_nonempty
+from trainer.step.loss import ComputeLoss
+from trainer.step.replica import call_nonempty
 
 
 def as_float32(outputs):

@@ -14,7 +14,7 @@ import ml_collections
 from absl import logging
 
 from trainer import config as config_lib
-from trainer import pruning
+from trainer.optimize import pruning
 from trainer.errors import ConfigError
 
 

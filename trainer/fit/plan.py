@@ -3,7 +3,7 @@
 import dataclasses
 import numbers
 
-from trainer import inputs
+from trainer.fit import inputs
 
 
 @dataclasses.dataclass(frozen=True)

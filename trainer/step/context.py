@@ -3,8 +3,8 @@ optimizers, still exact across replicas.
 
 `StepContext` is the `step` a task's `train_step(batch, step)` receives, on
 each replica, inside the trainer's tf.function loop; `CustomStep`
-(trainer/custom_step.py) runs it
-under the strategy. The rules the built-in step follows (trainer/step.py)
+(trainer/step/custom.py) runs it
+under the strategy. The rules the built-in step follows (trainer/step/builtin.py)
 hold by construction:
 
   - `step.mean(per_example)` averages over the *global* example count of the
@@ -30,7 +30,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from trainer.errors import ConfigError
-from trainer.update import OptimizerUpdate
+from trainer.step.update import OptimizerUpdate
 
 
 class _Applied(NamedTuple):

@@ -1,7 +1,7 @@
 """The logs of one host loop, and the divergence check on them.
 
 `host_loop_logs` turns what the Trainer's `tf.function` loop returned (the
-step's `sum` and `last` outputs, trainer/step.py and trainer/step_context.py)
+step's `sum` and `last` outputs, trainer/step/builtin.py and trainer/step/context.py)
 into the Python floats every callback sees; `check_diverged` reads them
 before any callback does.
 """
@@ -51,7 +51,7 @@ def host_loop_logs(out: dict, elapsed: float, *, several_optimizers: bool,
   # A norm below 0: that optimizer made no update in this loop.
   logs.update({k: float(v) for k, v in out["last"].items()
                if not (k.startswith("grad_norm") and v < 0)})
-  for key, value in sums.items():  # a task's own step (step_context.py)
+  for key, value in sums.items():  # a task's own step (trainer/step/custom.py)
     if key.startswith("skipped/") and several_optimizers:
       logs[f"skipped_steps/{key[8:]}"] = int(value)
     elif key.startswith("log/"):

@@ -241,7 +241,7 @@ def build_strategy(name: str = "auto", num_cpu_devices: int = 1
   Collectives run without a timeout: TensorFlow keeps one OS thread alive
   per collective for the whole timeout (DESIGN.md fact 15). A dead or frozen
   worker is caught by TensorFlow's coordination service (heartbeats); a
-  stuck one by trainer.watchdog.
+  stuck one by trainer.distribute.watchdog.
   """
   if num_cpu_devices > 1:
     configure_cpu_devices(num_cpu_devices)

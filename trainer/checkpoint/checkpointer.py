@@ -28,7 +28,7 @@ from keras.src.backend.tensorflow import core as keras_tf_core
 
 from trainer.callbacks.base import TrainerCallback
 from trainer.errors import ConfigError, DataError
-from trainer.model_state import model_paths, model_state
+from trainer.checkpoint.model_state import model_paths, model_state
 
 
 def _copy_keras_variable_to_cpu(self, object_map):
@@ -101,7 +101,7 @@ class Checkpointer:
       position like the model (`pruning_masks/m0`, ...); checkpoints that
       keyed them by path still restore.
     more_models, more_optimizers: a task's other models and optimizers
-      ({name: ...}; trainer/step_context.py), saved under `models/<name>`,
+      ({name: ...}; trainer/step/context.py), saved under `models/<name>`,
       `optimizers/<name>` and `loss_scales/<name>`.
   """
 

@@ -21,119 +21,14 @@ whole global batch, with 1/k of the activation memory.
 
 from typing import Callable, NamedTuple
 
-import keras
 import tensorflow as tf
 
 from trainer.errors import ConfigError
-from trainer.update import OptimizerUpdate
-
-# (model, batch, training) -> (per-example loss [batch] float32, predictions)
-ComputeLoss = Callable[..., tuple]
-
-
-def unpack_batch(batch):
-  """(x, y) or (x, y, sample_weight) -> (x, y, sample_weight or None)."""
-  return keras.utils.unpack_x_y_sample_weight(batch)
-
-
-def resolve_loss(loss) -> Callable:
-  """A per-example loss callable from a name, a Keras loss or a function."""
-  if isinstance(loss, str):
-    return keras.losses.get({"class_name": loss,
-                             "config": {"reduction": "none"}})
-  if isinstance(loss, keras.losses.Loss) and loss.reduction != "none":
-    raise ValueError(f"the loss {loss.name!r} reduces with "
-                     f"{loss.reduction!r}; create it with reduction='none' so "
-                     "the trainer can average over the global batch")
-  return loss
-
-
-def float32_losses(compute_loss: ComputeLoss) -> ComputeLoss:
-  """A user's `compute_loss` whose per-example losses are float32 (a model
-  ending in a float16 layer under mixed_float16 gives float16 ones)."""
-
-  def wrapped(model, batch, training):
-    per_example, y_pred = compute_loss(model, batch, training)
-    return tf.cast(per_example, tf.float32), y_pred
-
-  return wrapped
-
-
-def make_compute_loss(loss_fn: Callable) -> ComputeLoss:
-  """Wraps a per-example `loss_fn(y_true, y_pred) -> [batch]` as ComputeLoss."""
-
-  def compute_loss(model, batch, training):
-    x, y, sample_weight = unpack_batch(batch)
-    y_pred = model(x, training=training)
-    per_example = tf.cast(loss_fn(y, y_pred), tf.float32)
-    if per_example.shape.rank != 1:
-      raise ValueError(
-          "the loss must return one value per example (shape [batch]), got "
-          f"shape {per_example.shape}; for a Keras loss use reduction='none'")
-    if sample_weight is not None:
-      per_example *= tf.cast(sample_weight, tf.float32)
-    return per_example, y_pred
-
-  return compute_loss
-
-
-def pad_empty(batch) -> tuple:
-  """(batch, n) for this replica's batch of n examples; an empty dynamic
-  batch gets one zero row (see call_nonempty), so the returned batch has
-  max(n, 1) rows. Static (full) batches pass unchanged."""
-  first = tf.nest.flatten(batch)[0]
-  if first.shape[0] is not None:
-    return batch, tf.shape(first)[0]
-  n = tf.shape(first)[0]
-  pad = tf.maximum(1 - n, 0)
-  return tf.nest.map_structure(
-      lambda t: tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)),
-      batch), n
-
-
-def call_nonempty(compute_loss: ComputeLoss, model, batch, training):
-  """`compute_loss` on this replica's batch, never on an empty one.
-
-  A replica can receive zero examples (a partial last batch smaller than
-  the replica count, or one that ends before this replica's turn). oneDNN's
-  convolution returns a wrongly shaped result on an empty batch (measured:
-  [0, 8, 8, 1] -> [0, 8, 8, 1] for a 32-filter Conv2D; DESIGN.md fact 17),
-  so an empty batch gets one zero row, and the outputs are cut back to the
-  real rows: the per-example loss [n] and predictions [n, ...] of the n real
-  examples, whatever the model. Static (full) batches pass unchanged.
-  """
-  if tf.nest.flatten(batch)[0].shape[0] is not None:
-    return compute_loss(model, batch, training)
-  padded, n = pad_empty(batch)
-  per_example, y_pred = compute_loss(model, padded, training)
-  return per_example[:n], tf.nest.map_structure(lambda t: t[:n], y_pred)
-
-
-BATCH_NORM_STATISTICS = ("moving_mean", "moving_variance", "moving_stddev",
-                         "renorm_mean", "renorm_stddev")
-
-
-def replica_statistics(model) -> list:
-  """The moving statistics that each replica updates on its own: those of
-  the model's unsynchronized, trainable BatchNormalization layers (Keras 3
-  gives them no aggregation, so under MirroredStrategy each replica keeps a
-  different copy; DESIGN.md fact 19). The train step averages them over the
-  replicas every step. Nothing else is touched: frozen layers, synchronized
-  batch norm (already global) and other non-trainable state (an RNN's
-  per-replica state, a user's buffers) stay as they are."""
-  stats = []
-  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
-    if (isinstance(layer, keras.layers.BatchNormalization) and
-        layer.trainable and not getattr(layer, "synchronized", False)):
-      stats += [getattr(layer, name) for name in BATCH_NORM_STATISTICS
-                if getattr(layer, name, None) is not None]
-  return stats
-
-
-def _has_synchronized_bn(model) -> bool:
-  return any(isinstance(layer, keras.layers.BatchNormalization) and
-             getattr(layer, "synchronized", False)
-             for layer in model._flatten_layers(include_self=False))  # pylint: disable=protected-access
+from trainer.step.loss import ComputeLoss, unpack_batch
+from trainer.step.replica import (all_reduce_sum, average_statistics,
+                                  call_nonempty, has_synchronized_bn,
+                                  lower_to_hlo, replica_statistics)
+from trainer.step.update import OptimizerUpdate
 
 
 class ReplicaOutput(NamedTuple):
@@ -144,48 +39,6 @@ class ReplicaOutput(NamedTuple):
   loss_sum: tf.Tensor  # sum of per-example losses over the global batch
   count: tf.Tensor  # examples in the global batch (float32)
 
-
-def average_statistics(statistics: list, count: tf.Tensor, values: list,
-                       reduce: Callable[[list], list]) -> list:
-  """All-reduces `values` (a flat list of tensors) once, together with each
-  replica's moving `statistics` weighted by its example `count` (an empty
-  replica counts 0), which it sets to their weighted mean. Returns the
-  reduced `values`."""
-  weighted = [tf.cast(v.value, tf.float32) * count for v in statistics]
-  reduced = reduce(values + [count] + weighted)
-  total = reduced[len(values)]
-  for v, stat in zip(statistics, reduced[len(values) + 1:]):
-    v.assign(tf.cast(stat / total, v.dtype))
-  return reduced[:len(values)]
-
-
-def all_reduce_sum(values: list) -> list:
-  """Replica context: one SUM all-reduce of a flat list of tensors."""
-  return tf.distribute.get_replica_context().all_reduce(
-      tf.distribute.ReduceOp.SUM, values)
-
-
-
-def lower_to_hlo(lower: Callable[[], object]) -> None:
-  """Runs `lower` (an `experimental_get_compiler_ir(...)(stage="hlo")`
-  call) and turns XLA's refusal of an op into one ConfigError line.
-
-  Raises:
-    ConfigError: XLA refuses an op, e.g. MaxPool's gradient under op
-      determinism (DESIGN.md fact 18).
-  """
-  try:
-    lower()
-  except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError,
-          ValueError) as e:  # ValueError: "Failed getting HLO text: ..."
-    if isinstance(e, ValueError) and "HLO" not in str(e):
-      raise  # the model's own bug, not XLA's refusal
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    first = first.replace("Failed getting HLO text: '", "")
-    raise ConfigError(
-        f"XLA cannot compile this model's train step with "
-        f"train.deterministic=True ({first.rstrip('.')}); turn off "
-        "train.jit_compile or train.deterministic") from None
 
 class TrainStep:
   """Builds the per-step functions for one model, optimizer and strategy.
@@ -228,7 +81,7 @@ class TrainStep:
           0, dtype=tf.int64, trainable=False, name="global_step",
           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     if ((jit_compile or self.accum_steps > 1) and
-        strategy.num_replicas_in_sync > 1 and _has_synchronized_bn(model)):
+        strategy.num_replicas_in_sync > 1 and has_synchronized_bn(model)):
       raise ConfigError(
           "synchronized batch norm cannot run inside "
           f"{'jit_compile' if jit_compile else 'gradient accumulation'} "

@@ -17,7 +17,7 @@ import keras
 import ml_collections
 import tensorflow as tf
 
-from trainer import precision
+from trainer.optimize import precision
 from trainer.errors import ConfigError
 
 

@@ -4,7 +4,7 @@ Variables stay float32 under every policy; layers compute in float16 or
 bfloat16; model outputs and losses are float32 (the models end in a float32
 layer). Only `mixed_float16` needs loss scaling: the optimizer is wrapped in
 Keras 3's `LossScaleOptimizer`, whose `dynamic_scale` and `step_counter`
-variables the train step updates itself (see trainer/step.py).
+variables the train step updates itself (see trainer/step/builtin.py).
 """
 
 import keras

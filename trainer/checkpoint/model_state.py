@@ -1,6 +1,6 @@
 """The model's part of a checkpoint: its variables, by position and by path.
 
-Used by trainer/checkpoint.py (save, restore) and trainer/restore.py (export).
+Used by trainer/checkpoint/checkpointer.py (save, restore) and trainer/checkpoint/restore.py (export).
 """
 
 import re

@@ -1,4 +1,4 @@
-"""The epoch and host loops of `Trainer.fit` (trainer/loop.py).
+"""The epoch and host loops of `Trainer.fit` (trainer/fit/trainer.py).
 
 Per epoch: host loops of up to `steps_per_loop` steps (`Trainer.train_steps`),
 cut at every `eval_every` step and every step a callback asks for
@@ -12,8 +12,8 @@ import keras
 
 from trainer.callbacks.base import TrainerCallback, runs_on_chief_only
 from trainer.callbacks.best_model import set_monitor_mode
-from trainer.fit_plan import FitPlan
-from trainer.loop_logs import (InputBoundWarning, check_diverged,
+from trainer.fit.plan import FitPlan
+from trainer.fit.logs import (InputBoundWarning, check_diverged,
                                 loss_scale_logs)
 
 

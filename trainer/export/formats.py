@@ -1,5 +1,5 @@
 """Each export format: how it is written from the float32 model, and how it
-is loaded back and run (trainer/export.py evaluates and reports them).
+is loaded back and run (trainer/export/exporter.py evaluates and reports them).
 
 A format that cannot apply to a model raises `Skipped` with the reason:
 Keras quantization that finds no layer it can quantize, a model Keras cannot
@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from trainer import layers
 from trainer.errors import first_line
-from trainer.signature import Signature
+from trainer.export.signature import Signature
 
 FILES = {  # format name -> its file (or directory) in WORKDIR/export
     "keras": "model.keras", "saved_model": "saved_model",

@@ -2,7 +2,7 @@
 
 Every example is tagged with its index before the dataset is split across
 replicas and workers; each step runs the model on every replica (an empty
-replica on one zero row whose output is dropped, trainer/step.py), then
+replica on one zero row whose output is dropped, trainer/step/builtin.py), then
 gathers indices and outputs from all replicas of all workers, so every
 worker ends with the whole result, put back in input order by index.
 """
@@ -11,8 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import inputs
-from trainer.step import call_nonempty
+from trainer.fit import inputs
+from trainer.step.replica import call_nonempty
 
 
 def _forward(model, batch, training):

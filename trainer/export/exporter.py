@@ -2,8 +2,8 @@
 report.
 
 WORKDIR/config.json -> the run's task (`task`, trainer/task.py) -> its model
-built in float32 <- latest checkpoint (trainer/restore.py) -> `prepare` hook -> each format in
-WORKDIR/export/ (trainer/export_formats.py) -> each file loaded back and run
+built in float32 <- latest checkpoint (trainer/checkpoint/restore.py) -> `prepare` hook -> each format in
+WORKDIR/export/ (trainer/export/formats.py) -> each file loaded back and run
 on the task's whole eval_data() -> report.json: size, the task's metrics
 (fresh from build_metrics()), the largest |output difference| from the
 float32 model and, for classification-shaped outputs ([..., k >= 2]), the
@@ -13,7 +13,7 @@ compute_loss returns other predictions is measured on the model's outputs).
 The model is float32
 whatever policy the run trained with (variables are float32 under every
 policy). The SavedModel's `serving_default` follows the model's own input and
-output names, dtypes and shapes (trainer/signature.py). A format that cannot
+output names, dtypes and shapes (trainer/export/signature.py). A format that cannot
 apply to the model is reported as skipped with the reason, one that fails
 with its error. Files are written to a staging directory renamed to
 WORKDIR/export at the end: a failed export leaves the previous
@@ -36,12 +36,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import signature as signature_lib
+from trainer.export import signature as signature_lib
 from trainer import task as task_lib
 from trainer.errors import ConfigError, DataError, first_line
-from trainer.export_formats import (FILES, FORMATS, Skipped, predictor,
+from trainer.export.formats import (FILES, FORMATS, Skipped, predictor,
                                     quantize_keras, tflite_model)
-from trainer.restore import Restored, float32_policy, restore
+from trainer.checkpoint.restore import Restored, float32_policy, restore
 
 REPRESENTATIVE_BATCH_SIZE = 32
 SHUFFLE_BUFFER = 10_000  # representative examples are drawn from this many

@@ -1,7 +1,7 @@
 """One optimizer's part of a train step, after the gradients are all-reduced.
 
-Shared by the built-in step (trainer/step.py: one optimizer) and a task's
-own step (trainer/step_context.py: one per optimizer it applies). In
+Shared by the built-in step (trainer/step/builtin.py: one optimizer) and a task's
+own step (trainer/step/context.py: one per optimizer it applies). In
 replica context, on the reduced gradients (identical on every replica):
 check finiteness (so one replica's inf skips the update everywhere,
 DESIGN.md fact 2), unscale by this optimizer's own loss scale, clip to the
@@ -13,7 +13,7 @@ applied steps in a row, as Keras' LossScaleOptimizer does.
 import keras
 import tensorflow as tf
 
-from trainer.optimizers import disable_gradient_aggregation, fused_update
+from trainer.optimize.optimizers import disable_gradient_aggregation, fused_update
 
 
 class OptimizerUpdate:

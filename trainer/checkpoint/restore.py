@@ -1,4 +1,4 @@
-"""A finished run's model, rebuilt for inference (trainer/export.py).
+"""A finished run's model, rebuilt for inference (trainer/export/exporter.py).
 
 WORKDIR/config.json -> the run's task (`task`, trainer/task.py; an older
 config without `task` gets the default) -> `task.build_model()` under the
@@ -17,7 +17,7 @@ import keras
 import ml_collections
 import tensorflow as tf
 
-from trainer import model_state as model_state_lib
+from trainer.checkpoint import model_state as model_state_lib
 from trainer import config as config_lib
 from trainer import task as task_lib
 from trainer.errors import DataError

@@ -3,10 +3,10 @@ predict in Keras' words).
 
 `train_steps` runs `steps_per_loop` train steps per host call: a `tf.range`
 loop inside one `tf.function` (as in Orbit's loop_fns), each step a
-`strategy.run` of the per-replica step in trainer/step.py. A finite dataset
+`strategy.run` of the per-replica step in trainer/step/builtin.py. A finite dataset
 ends the loop early; a partial last batch is averaged over its real size.
-Inputs: trainer/inputs.py; evaluation: trainer/evaluation.py; prediction:
-trainer/predict.py; how long fit trains: trainer/fit_plan.py.
+Inputs: trainer/fit/inputs.py; evaluation: trainer/fit/evaluation.py; prediction:
+trainer/fit/predict.py; how long fit trains: trainer/fit/plan.py.
 """
 
 import time
@@ -16,20 +16,20 @@ import keras
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
-from trainer import inputs
-from trainer.agreement import WorkerAgreement
+from trainer.fit import inputs
+from trainer.distribute.agreement import WorkerAgreement
 from trainer.errors import ConfigError, UserError, untraced_message
-from trainer.evaluation import Evaluator
-from trainer.fit_loop import run_epochs
-from trainer.fit_plan import FitPlan
-from trainer.loop_logs import host_loop_logs, loss_scale_logs
-from trainer.optimizers import prepare_optimizers
-from trainer.predict import Predictor
-from trainer.pruning import Pruner, PruningSchedule
-from trainer.step import (ComputeLoss, TrainStep, float32_losses,
-                          make_compute_loss, resolve_loss)
-from trainer.custom_step import CustomStep
-from trainer.strategy import is_chief, num_workers
+from trainer.fit.evaluation import Evaluator
+from trainer.fit.epochs import run_epochs
+from trainer.fit.plan import FitPlan
+from trainer.fit.logs import host_loop_logs, loss_scale_logs
+from trainer.optimize.optimizers import prepare_optimizers
+from trainer.fit.predict import Predictor
+from trainer.optimize.pruning import Pruner, PruningSchedule
+from trainer.step.loss import ComputeLoss, float32_losses, make_compute_loss, resolve_loss
+from trainer.step.builtin import TrainStep
+from trainer.step.custom import CustomStep
+from trainer.distribute.strategy import is_chief, num_workers
 
 
 def _clone_metric(metric: keras.metrics.Metric) -> keras.metrics.Metric:
@@ -55,7 +55,7 @@ class Trainer:
       `(model, batch, training) -> (per_example_loss [batch], y_pred)`;
       `model` is what was passed here (a dict of several).
     train_step: your own step, `(batch, step: StepContext) -> {name:
-      scalar}` (trainer/step_context.py), instead of the built-in one;
+      scalar}` (trainer/step/context.py), instead of the built-in one;
       `loss` or `compute_loss` then only evaluates (neither: no `evaluate`).
     metrics: Keras metrics, updated with (y_true, y_pred); cloned inside the
       scope for training and for evaluation (from their config). Or a
@@ -141,7 +141,7 @@ class Trainer:
     self.agreement = WorkerAgreement(self.strategy, self.num_workers)
     self._preempt_requested = False
     self.preempted = False  # the run stopped early on request_preemption()
-    # A trainer.watchdog.Watchdog told of every host-loop boundary (set by
+    # A trainer.distribute.watchdog.Watchdog told of every host-loop boundary (set by
     # trainer.run for multi-worker jobs), or None.
     self.watchdog = None
     # The run's directory, for callbacks that write files (set by
@@ -160,7 +160,7 @@ class Trainer:
 
   def distribute(self, data):
     """A distributed dataset from a dataset function or a batched dataset
-    (see trainer.inputs.distribute); anything else is passed through."""
+    (see trainer.fit.inputs.distribute); anything else is passed through."""
     return inputs.distribute(self.strategy, data, self.num_workers)
 
   def _train_loop_fn(self, iterator, num_steps):
@@ -233,7 +233,7 @@ class Trainer:
     return self._loop_logs(out, elapsed)
 
   def _loop_logs(self, out: dict, elapsed: float) -> dict[str, float]:
-    """The logs of one host loop (trainer/loop_logs.py) with the metrics,
+    """The logs of one host loop (trainer/fit/logs.py) with the metrics,
     loss scales and sparsity."""
     several = len(self.optimizers) > 1
     logs = host_loop_logs(out, elapsed, several_optimizers=several,

@@ -1,0 +1,11 @@
+"""Processes, devices and agreement: what a tf.distribute job needs around
+the step.
+
+  strategy.py    build_strategy (one device, mirrored, multi-worker from
+                 TF_CONFIG or SLURM), logical CPU devices, is_chief
+  agreement.py   WorkerAgreement: every worker takes the same decision
+                 (stop, learning rate, preemption) after each hook
+  watchdog.py    Watchdog: ends a worker stuck without host-loop progress
+
+May import: trainer.errors only.
+"""

@@ -1,0 +1,15 @@
+"""The train step: one tf.GradientTape step per replica, correct across replicas.
+
+  builtin.py   TrainStep: the loss, one all-reduce, finiteness, unscale, clip,
+               update (the step of every task without its own train_step)
+  custom.py    CustomStep: runs a task's own train_step(batch, step), several
+               models and optimizers, with the same guarantees
+  context.py   StepContext: what a task's own train_step gets (`step`)
+  update.py    OptimizerUpdate: one optimizer's update after the all-reduce
+               (loss scale, skip on overflow, clip), shared by both steps
+  loss.py      ComputeLoss and the per-example loss helpers
+  replica.py   replica-context primitives both steps share (empty replicas,
+               batch-norm statistics, the all-reduce, XLA's refusal)
+
+May import: trainer.optimize, trainer.errors. Never trainer.fit or trainer.run.
+"""
