@@ -25,6 +25,8 @@ import threading
 
 from absl import app, flags
 
+from launch.status import ExitStatus
+
 _ROLE = flags.DEFINE_enum("role", None, ["dispatcher", "worker"],
                           "Which server to run.")
 _PORT = flags.DEFINE_integer("port", 0, "Port to listen on (0: any free one).",
@@ -78,11 +80,11 @@ def _serve() -> str:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(ExitStatus.BAD_INPUT)
   if _ROLE.value is None:
     print("error: --role=dispatcher or --role=worker is required",
           file=sys.stderr)
-    sys.exit(2)
+    sys.exit(ExitStatus.BAD_INPUT)
   stop = threading.Event()
   for signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(signum, lambda *_: stop.set())
@@ -91,7 +93,7 @@ def main(argv: list[str]) -> None:
   except (ValueError, RuntimeError) as e:  # bad flags, port taken
     print(f"error: {_ROLE.value}: {str(e).strip().splitlines()[0]}",
           file=sys.stderr)
-    sys.exit(2)
+    sys.exit(ExitStatus.BAD_INPUT)
   print(f"serving {_ROLE.value} at {address}", flush=True)
   stop.wait()
 

@@ -29,6 +29,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # pylint: disable=wrong-import-position
 from absl import app, flags, logging
 
+from launch.status import ExitStatus
+
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The run directory of a `launch.train` run (config.json, "
     "checkpoints/); the export goes to WORKDIR/export.")
@@ -41,14 +43,12 @@ _REPRESENTATIVE_BATCHES = flags.DEFINE_integer(
     "task's train_data()) that calibrate the activation ranges of "
     "tflite_int8.")
 
-EXIT_FORMAT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def fail(message: str) -> None:
   """Prints one error line and exits with status 2."""
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(EXIT_USAGE)
+  sys.exit(ExitStatus.BAD_INPUT)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
   print(f"wrote {os.path.join(_WORKDIR.value, 'export')} "
         f"(from {report['checkpoint']})")
   if any("error" in row for row in report["formats"].values()):
-    sys.exit(EXIT_FORMAT_FAILED)
+    sys.exit(ExitStatus.FAILED)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from absl import app, flags
 
 from launch import restarts as restarts_lib
 from launch.restarts import describe_exit
+from launch.status import ExitStatus
 
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Worker processes.",
                                     lower_bound=1)
@@ -59,8 +60,6 @@ _GRACE = flags.DEFINE_float(
     "grace_seconds", 10.0, "After a failure, how long the other workers get "
     "to exit after SIGTERM before SIGKILL.")
 
-EXIT_WORKER_FAILED = 1
-EXIT_PREEMPTED = 75  # launch.train's status after a SIGTERM-triggered save
 
 
 def free_ports(n: int) -> list[int]:
@@ -181,18 +180,18 @@ class Workers:
 
   def wait(self, grace: float) -> tuple[int, int | None]:
     """Waits for all; on the first failure stops the rest. Returns the exit
-    code of the first worker that failed (0 or EXIT_PREEMPTED if none did)
+    code of the first worker that failed (0 or ExitStatus.PREEMPTED if none did)
     and its index (None if none did)."""
     failed = None
     while failed is None and any(p.poll() is None for p in self.procs):
       for i, proc in enumerate(self.procs):
-        if proc.poll() not in (None, 0, EXIT_PREEMPTED):
+        if proc.poll() not in (None, 0, ExitStatus.PREEMPTED):
           failed = i
           break
       time.sleep(0.1)
     if failed is None:  # all have exited; one may have failed last
       failed = next((i for i, p in enumerate(self.procs)
-                     if p.returncode not in (0, EXIT_PREEMPTED)), None)
+                     if p.returncode not in (0, ExitStatus.PREEMPTED)), None)
     if failed is not None:
       code = self.procs[failed].returncode
       print(f"error: worker {failed} {describe_exit(code)}; stopping the "
@@ -202,8 +201,8 @@ class Workers:
       pump.join(timeout=5)
     if failed is not None:
       return self.procs[failed].returncode, failed
-    if any(p.returncode == EXIT_PREEMPTED for p in self.procs):
-      return EXIT_PREEMPTED, None
+    if any(p.returncode == ExitStatus.PREEMPTED for p in self.procs):
+      return ExitStatus.PREEMPTED, None
     return 0, None
 
 
@@ -233,11 +232,11 @@ class Job:
     while True:
       with self.lock:
         if self.stopping:
-          return EXIT_PREEMPTED
+          return ExitStatus.PREEMPTED
         self.workers = Workers(self.argv, self.num_workers, self.module)
       code, failed = self.workers.wait(grace)
       if failed is None:
-        if code == EXIT_PREEMPTED:
+        if code == ExitStatus.PREEMPTED:
           print("preempted: the workers saved a checkpoint and stopped; run "
                 "the same command to resume", file=sys.stderr, flush=True)
         return code
@@ -245,7 +244,7 @@ class Job:
       if self.stopping and code in (-signal.SIGTERM, -signal.SIGINT):
         print("stopped by a signal before the workers could save; run the "
               "same command to resume", file=sys.stderr, flush=True)
-        return EXIT_PREEMPTED
+        return ExitStatus.PREEMPTED
       if (self.stopping or not restarts_lib.restartable(code) or
           restarts >= self.max_restarts):
         if restarts:
@@ -253,7 +252,7 @@ class Job:
                 f"{self.max_restarts}:", *reports, sep="\n  ",
                 file=sys.stderr, flush=True)
           return restarts_lib.shell_status(code)
-        return EXIT_WORKER_FAILED
+        return ExitStatus.FAILED
       restarts += 1
       reports.append(restarts_lib.record_restart(workdir, restarts, cause))
       print(reports[-1], file=sys.stderr, flush=True)
@@ -265,14 +264,14 @@ def main(argv: list[str]) -> None:
     print("error: no worker flags; usage: python -m launch.local "
           "--num_workers=N -- --config=configs/digits.py --workdir=DIR",
           file=sys.stderr)
-    sys.exit(2)
+    sys.exit(ExitStatus.BAD_INPUT)
   service = None
   if _DATA_SERVICE_WORKERS.value:
     try:
       service = DataService(_DATA_SERVICE_WORKERS.value)
     except RuntimeError as e:
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(EXIT_WORKER_FAILED)
+      sys.exit(ExitStatus.FAILED)
     worker_argv = [*worker_argv, f"--config.data.service={service.address}"]
   try:
     job = Job(worker_argv, _NUM_WORKERS.value, _MODULE.value,

@@ -20,13 +20,19 @@ import re
 import signal
 import sys
 
-RESTARTABLE_STATUSES = (1, 4)  # a crash, a stalled worker's watchdog
+from launch.status import ExitStatus
+
 
 
 def restartable(code: int) -> bool:
   """Whether a worker's exit status (negative: killed by that signal) is
   one a restart can fix."""
-  return code < 0 or code in RESTARTABLE_STATUSES
+  if code < 0:
+    return True
+  try:
+    return ExitStatus(code).restartable
+  except ValueError:
+    return False  # not one of ours (e.g. a shell's 127): not a crash we know
 
 
 def shell_status(code: int) -> int:

@@ -8,7 +8,7 @@ Writes WORKDIR/config.json, WORKDIR/metrics.jsonl and WORKDIR/checkpoints/.
 and a short eval, no checkpoints; it prints one verdict line and exits 0 on
 PASS, 1 on FAIL. The same command on the same workdir resumes.
 
-Exit status: 0 done; 1 --testing FAIL; 2 bad input (one `error: ...` line);
+Exit status (launch/status.py): 0 done; 1 --testing FAIL; 2 bad input (one `error: ...` line);
 3 training diverged (NaN/inf loss without a loss scale, or a mixed_float16
 loss scale below precision.min_loss_scale; checkpoints kept intact);
 4 stalled (multi-worker: no host-loop progress for
@@ -27,6 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # pylint: disable=wrong-import-position
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from launch.status import ExitStatus
 
 # New keys are accepted here so that `--config.user.KEY=VALUE` can add one;
 # every key outside `user` is then checked by trainer.config.validate (a typo
@@ -47,17 +49,12 @@ _TESTING = flags.DEFINE_bool(
     "testing", False, "Single-device testing mode: one device, a few steps, "
     "no checkpoints, a one-line PASS/FAIL verdict.")
 
-EXIT_FAILED = 1  # a --testing FAIL, or a bug (with its traceback)
-EXIT_USAGE = 2  # bad input: one `error: ...` line
-EXIT_DIVERGED = 3  # cannot make progress (NaN loss, loss scale floor)
-EXIT_CHECKPOINT_FAILED = 5  # a save failed (disk full); the last one intact
-EXIT_PREEMPTED = 75  # SIGTERM: checkpoint saved; rerun the command to resume
 
 
 def fail(message: str) -> None:
   """Prints one error line and exits with status 2."""
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(EXIT_USAGE)
+  sys.exit(ExitStatus.BAD_INPUT)
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -134,23 +131,23 @@ def main(argv: list[str]) -> None:
   except TrainingDiverged as e:
     if _TESTING.value:
       print(f"testing: FAIL {config_path}: training diverged: {e}")
-      sys.exit(EXIT_FAILED)
+      sys.exit(ExitStatus.FAILED)
     kept = (f"the last good checkpoint, {e.checkpoint}, is intact"
             if e.checkpoint else "no checkpoint was written")
     print(f"error: training diverged: {e}; {kept}. Lower "
           "optimizer.learning_rate or set optimizer.global_clipnorm",
           file=sys.stderr)
-    sys.exit(EXIT_DIVERGED)
+    sys.exit(ExitStatus.DIVERGED)
   except CheckpointWriteError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(EXIT_CHECKPOINT_FAILED)
+    sys.exit(ExitStatus.DISK_FULL)
   except Exception as e:  # pylint: disable=broad-except
     if not _TESTING.value:
       raise
     logging.exception("testing run failed")
     print(f"testing: FAIL {config_path}: {type(e).__name__}: "
           f"{str(e).splitlines()[0] if str(e) else ''}")
-    sys.exit(EXIT_FAILED)
+    sys.exit(ExitStatus.FAILED)
   logs = result.logs
   if _TESTING.value:
     import math  # pylint: disable=import-outside-toplevel
@@ -161,7 +158,7 @@ def main(argv: list[str]) -> None:
           f"{result.device} in {result.seconds:.1f}s, loss "
           f"{logs.get('loss', float('nan')):.4f}, {_eval_summary(logs)} on "
           f"{logs.get('eval/num_examples', 0)} examples")
-    sys.exit(0 if ok else 1)
+    sys.exit(ExitStatus.DONE if ok else ExitStatus.FAILED)
   if result.preempted:
     if result.is_chief and (result.checkpoint or "").endswith(
         f"ckpt-{result.steps}"):
@@ -171,7 +168,7 @@ def main(argv: list[str]) -> None:
       print(f"preempted: stopped at step {result.steps} on SIGTERM, not "
             "checkpointed (the last loss was not finite); the same command "
             f"resumes from {result.checkpoint or 'the start'}")
-    sys.exit(EXIT_PREEMPTED)
+    sys.exit(ExitStatus.PREEMPTED)
   if not result.is_chief:
     return  # the chief reports for the job
   logging.info("done: step %d, %s", result.steps,

@@ -66,3 +66,17 @@ def test_every_package_says_what_it_holds():
   for init in TRAINER.glob("*/__init__.py"):
     doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
     assert doc and len(doc.splitlines()) >= 3, init
+
+
+def test_one_set_of_exit_statuses_for_every_entry_point():
+  """launch/status.py is the one definition; the watchdog (in the library,
+  which does not import the launchers) and train.sbatch repeat one value
+  each, pinned here."""
+  from launch import restarts  # pylint: disable=import-outside-toplevel
+  from launch.status import ExitStatus  # pylint: disable=import-outside-toplevel
+  from trainer.distribute import watchdog  # pylint: disable=import-outside-toplevel
+  assert watchdog.EXIT_STALLED == ExitStatus.STALLED
+  sbatch = (TRAINER.parent / "launch" / "slurm" / "train.sbatch").read_text()
+  assert f"EXIT_PREEMPTED={int(ExitStatus.PREEMPTED)} " in sbatch
+  assert [s for s in range(256) if restarts.restartable(s)] == [1, 4]
+  assert restarts.restartable(-9)  # killed by a signal

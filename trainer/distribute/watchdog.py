@@ -27,7 +27,9 @@ import time
 
 from absl import logging
 
-EXIT_STALLED = 4  # launch.train's status when the watchdog ends a worker
+# launch.status.ExitStatus.STALLED (the library does not import the
+# launchers; tests/test_layout.py pins the two equal).
+EXIT_STALLED = 4
 STARTUP_FACTOR = 10  # the first host loop may take this many timeouts
 SLACK = 3  # later gaps may take this many times the longest one seen
 
