@@ -1,4 +1,4 @@
-"""On-disk training data: each worker decodes its own files (trainer/file_shard.py).
+"""On-disk training data: each worker decodes its own files (trainer/data/file_shard.py).
 
 Counted with a record-counting map in a task reading TFRecord shards: before
 the change each of 2 workers decoded everything (2.08x one process)."""

@@ -5,14 +5,11 @@ schedule fixed at the start, one CSV row per epoch after a resume."""
 
 import csv
 import logging
-import shutil
 
 import pytest
 import tensorflow as tf
 
 from conftest import run_module
-from trainer.checkpoint import checkpointer as checkpoint_lib
-from trainer.checkpoint import model_state as model_state_lib
 from trainer.callbacks import read_metrics
 from trainer.run import run
 from test_resume import PoisonWeights, _config, _input_offset
@@ -87,55 +84,6 @@ def test_resume_under_another_precision_policy(tmp_path, caplog):
   assert "ckpt-40 has no loss scale" not in caplog.text
   assert scales[40] == 32768.0 and scales[60] is not None
   assert scales[80] is None and scales[100] is None
-
-
-def test_a_mixed_float16_checkpoint_of_the_earlier_layout_resumes(tmp_path,
-                                                                   caplog):
-  """Before the loss scale was saved apart, the whole LossScaleOptimizer
-  was the checkpoint's `optimizer`."""
-  config = _config(steps=20, steps_per_loop=10)
-  config.precision.policy = "mixed_float16"
-  run(config, str(tmp_path / "new"))
-  # Rewrite the checkpoint in the earlier layout from a restored run.
-  import keras  # pylint: disable=import-outside-toplevel
-  from trainer import data as data_lib  # pylint: disable=import-outside-toplevel
-  from trainer.optimize import optimizers  # pylint: disable=import-outside-toplevel
-  from trainer.tasks import models
-  keras.mixed_precision.set_dtype_policy("mixed_float16")
-  try:
-    source = data_lib.load_source(config.data, 0)
-    model = models.build_model(config.model, source.info)
-    optimizer = keras.optimizers.LossScaleOptimizer(
-        optimizers.build_optimizer(config.optimizer, 20))
-    optimizer.build(model.trainable_variables)
-    step = tf.Variable(0, dtype=tf.int64)
-    new = checkpoint_lib.Checkpointer(
-        str(tmp_path / "new" / "checkpoints"), model=model,
-        optimizer=optimizer, global_step=step)
-    assert new.restore_latest() == 20
-    optimizer.dynamic_scale.assign(1024.0)
-    old = tf.train.Checkpoint(
-        model=model_state_lib.model_state(model), optimizer=optimizer,
-        global_step=step, input_offset=tf.Variable(0, dtype=tf.int64))
-    tf.train.CheckpointManager(old, str(tmp_path / "old" / "checkpoints"),
-                               3, step_counter=step).save(20)
-    optimizer.dynamic_scale.assign(7.0)
-    assert new.__class__(
-        str(tmp_path / "old" / "checkpoints"), model=model,
-        optimizer=optimizer, global_step=step).restore_latest() == 20
-    assert float(optimizer.dynamic_scale.numpy()) == 1024.0
-    iterations = int(optimizer.iterations.numpy())
-  finally:
-    keras.mixed_precision.set_dtype_policy("float32")
-  # ... and into a float32 run (no loss scale there).
-  config.precision.policy = "float32"
-  config.train.steps = 30
-  shutil.copytree(tmp_path / "old" / "checkpoints",
-                  tmp_path / "old32" / "checkpoints")
-  caplog.set_level(logging.INFO, logger="absl")
-  result = run(config, str(tmp_path / "old32"))
-  assert result.steps == 30 and iterations > 0
-  assert "old32/checkpoints/ckpt-20 (step 20)" in caplog.text
 
 
 def test_resuming_with_fewer_steps_than_done_reports_the_model(tmp_path):

@@ -207,10 +207,10 @@ def test_fused_update_equals_keras_update_on_two_replicas(
   for fused in (True, False):
     trainer = Trainer(model=_model(mirrored), optimizer=make_optimizer(),
                       loss=LOSS, strategy=mirrored, steps_per_loop=2)
-    assert trainer.step.fused_update
+    assert trainer.step.update.fused
     if not fused:  # back to Keras' own optimizer.apply
       trainer.step.update._fused = None  # pylint: disable=protected-access
-      assert not trainer.step.fused_update
+      assert not trainer.step.update.fused
     trainer.fit(_finite_input(x, y, 16), steps=4)
     weights.append(trainer.model.get_weights() +
                    [v.numpy() for v in trainer.optimizer.variables])
@@ -227,7 +227,7 @@ def test_other_optimizers_keep_the_keras_update(mirrored):
                     keras.optimizers.RMSprop(0.01)):
     trainer = Trainer(model=_model(mirrored), optimizer=optimizer, loss=LOSS,
                       strategy=mirrored)
-    assert not trainer.step.fused_update, optimizer.name
+    assert not trainer.step.update.fused, optimizer.name
 
 
 def test_trainer_without_a_strategy_uses_the_default_one():

@@ -38,26 +38,46 @@ class TrainingDiverged(RuntimeError):
 
 _KERAS_CALL = re.compile(r"Exception encountered when calling ([\w.]+\(\))")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FUNCTION_NODE = re.compile(r"^\{\{function_node [^}]*\}\}\s*")
 _LONGEST = 300  # characters of a message kept (a tensor's values can follow)
 
 
-def first_line(error: Exception) -> str:
-  """`Type: first non-blank line of the message`, for one-line reports.
+def _cut(line: str, longest: int = _LONGEST) -> str:
+  return line if len(line) <= longest else line[:longest - 3] + "..."
+
+
+def _where_and_message(error: BaseException) -> tuple[str | None, str]:
+  """(the Keras layer call an error was raised in, or None; the first
+  message line that says what is wrong), uncut."""
+  text = _ANSI.sub("", str(error)).strip()
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  where = _KERAS_CALL.match(lines[0]) if lines else None
+  if where and len(lines) > 1 and not lines[1].startswith("Arguments "):
+    where, line = where.group(1), lines[1]
+  else:
+    where, line = None, lines[0] if lines else ""
+  line = _FUNCTION_NODE.sub("", line)  # TensorFlow's graph-node prefix
+  return where, re.sub(r"\s*name:\s*$", "", line)  # its empty op name
+
+
+def message_line(error: BaseException) -> str:
+  """The first line of `error`'s message that says what is wrong, cut to
+  300 characters: the cause for an error Keras wrapped inside a layer,
+  without TensorFlow's `{{function_node ...}}` prefix."""
+  return _cut(_where_and_message(error)[1])
+
+
+def first_line(error: BaseException) -> str:
+  """`Type: message_line(error)`, for one-line reports.
 
   Keras wraps an error inside a layer as "Exception encountered when calling
   Layer.call()." with the cause on a later line: then the cause's first line
   and the layer, e.g. `InvalidArgumentError in Activation.call(): cannot
   compute Sub as input #1(zero-based) was expected to be a half tensor ...`.
   """
-  text = _ANSI.sub("", str(error)).strip()
-  lines = [l.strip() for l in text.splitlines() if l.strip()]
-  where = _KERAS_CALL.match(lines[0]) if lines else None
-  if where and len(lines) > 1 and not lines[1].startswith("Arguments "):
-    line = f"{type(error).__name__} in {where.group(1)}: {lines[1]}"
-  else:
-    line = f"{type(error).__name__}: {lines[0] if lines else ''}"
-  line = re.sub(r"\s*name:\s*$", "", line)  # TensorFlow's empty op name
-  return line if len(line) <= _LONGEST else line[:_LONGEST - 3] + "..."
+  where, line = _where_and_message(error)
+  where = f" in {where}" if where else ""
+  return _cut(f"{type(error).__name__}{where}: {line}")
 
 
 def untraced_message(error: Exception) -> str:

@@ -254,8 +254,7 @@ def _restore_and_train(config: ml_collections.ConfigDict,
     if (saved and config_optimizer and config.optimizer.schedule == "constant"
         and saved.get("optimizer.learning_rate") != new_lr):
       # The checkpoint holds the old rate; a changed config wins over it.
-      inner = getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer)
-      inner.learning_rate = new_lr
+      optimizers.set_learning_rate(trainer.optimizer, new_lr)
       logging.info("learning rate set to %g from the config", new_lr)
     callbacks.append(CheckpointEvery(checkpointer,
                                      config.train.checkpoint_every))

@@ -55,7 +55,6 @@ from trainer.errors import ConfigError, DataError, first_line
 REQUIRED = ("build_model", "train_data", "eval_data", "build_losses",
             "build_metrics")
 OPTIONAL = ("compute_loss", "callbacks", "build_optimizer", "train_step")
-DEFAULT_TASK = "trainer.tasks.image_classification:ImageClassification"
 
 
 def _import_file(path: str, spec: str):

@@ -18,7 +18,6 @@ import contextlib
 import glob
 import math
 import os
-import re
 import shutil
 import tempfile
 
@@ -27,8 +26,9 @@ from absl import logging
 from keras.src.backend.tensorflow import core as keras_tf_core
 
 from trainer.callbacks.base import TrainerCallback
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError, DataError, first_line, message_line
 from trainer.checkpoint.model_state import model_paths, model_state
+from trainer.optimize.optimizers import inner_optimizer, is_loss_scaled
 
 
 def _copy_keras_variable_to_cpu(self, object_map):
@@ -96,10 +96,8 @@ class Checkpointer:
     allow_partial: restore a checkpoint that lacks some of the model's
       variables (a deliberately changed model) instead of refusing.
     async_save: write checkpoints in a background thread.
-    extra: more named state to save.
     pruning_masks: the Pruner's masks ({kernel path: mask}), saved by
-      position like the model (`pruning_masks/m0`, ...); checkpoints that
-      keyed them by path still restore.
+      position like the model (`pruning_masks/m0`, ...).
     more_models, more_optimizers: a task's other models and optimizers
       ({name: ...}; trainer/step/context.py), saved under `models/<name>`,
       `optimizers/<name>` and `loss_scales/<name>`.
@@ -108,7 +106,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, model, optimizer, global_step,
                is_chief: bool = True, max_to_keep: int = 3,
                allow_partial: bool = False, async_save: bool = False,
-               extra: dict | None = None, pruning_masks: dict | None = None,
+               pruning_masks: dict | None = None,
                more_models: dict | None = None,
                more_optimizers: dict | None = None):
     self.allow_partial = allow_partial
@@ -129,16 +127,11 @@ class Checkpointer:
     self._model = model
     self._state = {"model": model_state(model),
                    "model_paths": model_paths(model),
-                   "optimizer": getattr(optimizer, "inner_optimizer",
-                                        optimizer),
+                   "optimizer": inner_optimizer(optimizer),
                    "global_step": global_step,
-                   "input_offset": self.input_offset, **(extra or {})}
-    self._loss_scaled = optimizer  # LossScaleOptimizer, or None
-    if hasattr(optimizer, "inner_optimizer"):
+                   "input_offset": self.input_offset}
+    if is_loss_scaled(optimizer):
       self._state["loss_scale"] = _loss_scale_state(optimizer)
-    else:
-      self._loss_scaled = None
-    self._masks_by_path = pruning_masks
     if pruning_masks:
       self._state["pruning_masks"] = {
           f"m{i}": mask for i, mask in enumerate(pruning_masks.values())}
@@ -147,10 +140,9 @@ class Checkpointer:
                                for n, m in more_models.items()}
     if more_optimizers:
       self._state["optimizers"] = {
-          n: getattr(o, "inner_optimizer", o)
-          for n, o in more_optimizers.items()}
+          n: inner_optimizer(o) for n, o in more_optimizers.items()}
       scales = {n: _loss_scale_state(o) for n, o in more_optimizers.items()
-                if hasattr(o, "inner_optimizer")}
+                if is_loss_scaled(o)}
       if scales:
         self._state["loss_scales"] = scales
     self.checkpoint = tf.train.Checkpoint(**self._state)
@@ -184,14 +176,13 @@ class Checkpointer:
             f"checkpoint {path} does not fit this model ({e}); use a new "
             "--workdir for a different model") from None
       except (tf.errors.OpError, IndexError) as e:
-        logging.warning("checkpoint %s is unreadable (%s: %s); falling back "
-                        "to the one before it", path, type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
+        logging.warning("checkpoint %s is unreadable (%s); falling back "
+                        "to the one before it", path, first_line(e))
         continue
       try:
         status.assert_existing_objects_matched()
       except AssertionError as e:
-        message = str(e).splitlines()[0]
+        message = message_line(e)
         if not self.allow_partial:
           raise ConfigError(f"checkpoint {path} does not fit this model "
                             f"({message}); use a new --workdir") from None
@@ -211,10 +202,8 @@ class Checkpointer:
     A checkpoint written without a loss scale (under float32 or
     mixed_bfloat16) restores into a mixed_float16 run, which then starts
     from the initial scale; one written with a loss scale restores into any
-    policy. A mixed_float16 checkpoint of the earlier layout (the whole
-    LossScaleOptimizer as `optimizer`) still restores, into any policy.
-    Model paths that differ only in the model's name are matched
-    (`model_state`).
+    policy. A deliberately changed model (`allow_partial`) restores what
+    still fits, by path.
     """
     try:
       keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
@@ -230,18 +219,7 @@ class Checkpointer:
       # A deliberately changed model: what still fits, by path.
       del state["model"]
       state["model_paths"] = self._state["model_paths"]
-    if self._masks_by_path and any(
-        k.startswith("pruning_masks/") and not re.match(r"pruning_masks/m\d+/",
-                                                        k) for k in keys):
-      state["pruning_masks"] = self._masks_by_path  # written before by path
-    earlier = any(k.startswith("optimizer/inner_optimizer/") for k in keys)
-    if self._loss_scaled is None and earlier:
-      state["optimizer"] = tf.train.Checkpoint(
-          inner_optimizer=self._state["optimizer"])
-    elif self._loss_scaled is not None and earlier:
-      del state["loss_scale"]
-      state["optimizer"] = self._loss_scaled
-    elif self._loss_scaled is not None and not any(
+    if "loss_scale" in state and not any(
         k.startswith("loss_scale/") for k in keys):
       logging.info("checkpoint %s has no loss scale (written under another "
                    "precision.policy): starting from the initial scale", path)

@@ -20,7 +20,7 @@ import tensorflow as tf
 from trainer.checkpoint import model_state as model_state_lib
 from trainer import config as config_lib
 from trainer import task as task_lib
-from trainer.errors import DataError
+from trainer.errors import DataError, message_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,5 +85,5 @@ def restore(workdir: str) -> Restored:
     status.assert_existing_objects_matched()
   except (AssertionError, ValueError, tf.errors.OpError) as e:
     raise DataError(f"checkpoint {checkpoint} does not fit the model of "
-                    f"{path}: {str(e).splitlines()[0]}") from None
+                    f"{path}: {message_line(e)}") from None
   return Restored(model, config, task, checkpoint)

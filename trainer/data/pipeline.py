@@ -83,7 +83,7 @@ def input_fn(examples: tf.data.Dataset, *, global_batch_size: int,
   def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
     per_replica = ctx.get_per_replica_batch_size(global_batch_size)
     ds = examples
-    if training:  # each pipeline reads its own files (trainer/file_shard.py)
+    if training:  # each pipeline reads its own files (trainer/data/file_shard.py)
       ds = file_shard.shard_by_file(ds, ctx.num_input_pipelines,
                                     ctx.input_pipeline_id)
       ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.data.files import Files, ordered
-from trainer.errors import DataError
+from trainer.errors import DataError, message_line
 
 DIGITS_EVAL_EXAMPLES = 300
 DIGITS_SPLIT_SEED = 1234  # fixed: the split never depends on config.seed
@@ -101,8 +101,8 @@ def _first_example(files: Files, what: str):
   except StopIteration:
     raise DataError(f"{what}: the files hold no records") from None
   except (tf.errors.OpError, ValueError) as e:
-    first = (getattr(e, "message", None) or str(e)).strip().splitlines()[0]
-    raise DataError(f"{what}: the first record does not decode: {first}"
+    raise DataError(f"{what}: the first record does not decode: "
+                    f"{message_line(e)}"
                     ) from None
 
 

@@ -23,7 +23,8 @@ from trainer.fit.evaluation import Evaluator
 from trainer.fit.epochs import run_epochs
 from trainer.fit.plan import FitPlan
 from trainer.fit.logs import host_loop_logs, loss_scale_logs
-from trainer.optimize.optimizers import prepare_optimizers
+from trainer.optimize.optimizers import (inner_optimizer, prepare_optimizers,
+                                        set_learning_rate)
 from trainer.fit.predict import Predictor
 from trainer.optimize.pruning import Pruner, PruningSchedule
 from trainer.step.loss import ComputeLoss, float32_losses, make_compute_loss, resolve_loss
@@ -248,8 +249,8 @@ class Trainer:
 
   def learning_rate(self) -> float:
     """The learning rate the next step will use."""
-    inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-    return float(keras.ops.convert_to_numpy(inner.learning_rate))
+    return float(keras.ops.convert_to_numpy(
+        inner_optimizer(self.optimizer).learning_rate))
 
   def evaluate(self, x=None, y=None, *, batch_size: int | None = None,
                sample_weight=None) -> dict[str, float]:
@@ -320,8 +321,7 @@ class Trainer:
         self._preempt_requested)
     self.model.stop_training = stop
     if lr != self.learning_rate():
-      inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-      inner.learning_rate = float(lr)
+      set_learning_rate(self.optimizer, lr)
 
   def fit(self, x=None, y=None, *, batch_size: int | None = None,
           epochs: int | None = None, steps: int | None = None,

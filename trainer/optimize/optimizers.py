@@ -25,6 +25,24 @@ def _no_aggregation(grads_and_vars):
   return list(grads_and_vars)
 
 
+def inner_optimizer(optimizer: keras.optimizers.Optimizer
+                    ) -> keras.optimizers.Optimizer:
+  """The optimizer that holds the learning rate and the slots: a
+  LossScaleOptimizer's inner one, else `optimizer` itself."""
+  return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def is_loss_scaled(optimizer: keras.optimizers.Optimizer) -> bool:
+  """Whether `optimizer` is a LossScaleOptimizer (mixed_float16)."""
+  return inner_optimizer(optimizer) is not optimizer
+
+
+def set_learning_rate(optimizer: keras.optimizers.Optimizer,
+                      rate: float) -> None:
+  """Sets the (constant) learning rate of `optimizer`, loss-scaled or not."""
+  inner_optimizer(optimizer).learning_rate = float(rate)
+
+
 def disable_gradient_aggregation(
     optimizer: keras.optimizers.Optimizer) -> None:
   """Makes `optimizer.apply` use the gradients as given (already reduced)."""
@@ -33,9 +51,8 @@ def disable_gradient_aggregation(
         "this Keras version has no _all_reduce_sum_gradients hook; the train "
         "step cannot stop Keras from all-reducing gradients a second time")
   optimizer._all_reduce_sum_gradients = _no_aggregation  # pylint: disable=protected-access
-  inner = getattr(optimizer, "inner_optimizer", None)
-  if inner is not None:
-    disable_gradient_aggregation(inner)
+  if is_loss_scaled(optimizer):
+    disable_gradient_aggregation(inner_optimizer(optimizer))
 
 
 def _local(variable) -> tf.Variable:

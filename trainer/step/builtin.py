@@ -71,7 +71,6 @@ class TrainStep:
     self.optimizer = optimizer
     self.strategy = strategy
     self.metrics = list(metrics)
-    self.global_clipnorm = float(global_clipnorm)
     self._compute_loss = compute_loss
     self.update = OptimizerUpdate(optimizer, model.trainable_variables,
                                   strategy, global_clipnorm)
@@ -213,10 +212,6 @@ class TrainStep:
       grads, loss_sum, count = reduced[:-1], reduced[-1], global_count
     grads, finite, grad_norm = self.update.finish(grads, want_norm)
     return ReplicaOutput(grads, finite, grad_norm, loss_sum, count)
-
-  @property
-  def fused_update(self) -> bool:
-    return self.update.fused
 
   def zero_outputs(self, element_spec) -> dict:  # pylint: disable=unused-argument
     """The structure `__call__` returns, as zeros (the loop's start)."""

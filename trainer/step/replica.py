@@ -8,7 +8,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, message_line
 from trainer.step.loss import ComputeLoss
 
 def pad_empty(batch) -> tuple:
@@ -106,8 +106,7 @@ def lower_to_hlo(lower: Callable[[], object]) -> None:
           ValueError) as e:  # ValueError: "Failed getting HLO text: ..."
     if isinstance(e, ValueError) and "HLO" not in str(e):
       raise  # the model's own bug, not XLA's refusal
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    first = first.replace("Failed getting HLO text: '", "")
+    first = message_line(e).replace("Failed getting HLO text: '", "")
     raise ConfigError(
         f"XLA cannot compile this model's train step with "
         f"train.deterministic=True ({first.rstrip('.')}); turn off "

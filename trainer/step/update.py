@@ -10,10 +10,11 @@ or skip and halve the loss scale; grow it after `dynamic_growth_steps`
 applied steps in a row, as Keras' LossScaleOptimizer does.
 """
 
-import keras
 import tensorflow as tf
 
-from trainer.optimize.optimizers import disable_gradient_aggregation, fused_update
+from trainer.optimize.optimizers import (disable_gradient_aggregation,
+                                        fused_update, inner_optimizer,
+                                        is_loss_scaled)
 
 
 class OptimizerUpdate:
@@ -32,9 +33,8 @@ class OptimizerUpdate:
     self.optimizer, self.strategy = optimizer, strategy
     self.variables = list(variables)
     self.global_clipnorm = float(global_clipnorm)
-    self.loss_scaled = isinstance(optimizer,
-                                  keras.optimizers.LossScaleOptimizer)
-    self.inner = optimizer.inner_optimizer if self.loss_scaled else optimizer
+    self.loss_scaled = is_loss_scaled(optimizer)
+    self.inner = inner_optimizer(optimizer)
     disable_gradient_aggregation(optimizer)
     self._fused = fused_update(self.inner, strategy, self.variables)
 
