@@ -24,17 +24,17 @@ from absl import logging
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import data as data_lib
-from trainer.optimize import optimizers
-from trainer.optimize import precision
-from trainer.optimize import pruning
 from trainer import task as task_lib
-from trainer.distribute import strategy as strategy_lib
 from trainer.checkpoint.checkpointer import CheckpointEvery, Checkpointer
+from trainer.checkpoint.workdir import (check_resume_config,
+                                        check_workdir_writable,
+                                        fix_pruning_schedule,
+                                        read_saved_config)
+from trainer.distribute import strategy as strategy_lib
+from trainer.distribute.watchdog import Watchdog
 from trainer.errors import ConfigError, TrainingDiverged
 from trainer.fit.trainer import Trainer
-from trainer.distribute.watchdog import Watchdog
-from trainer.checkpoint.workdir import (check_resume_config, check_workdir_writable,
-                             fix_pruning_schedule, read_saved_config)
+from trainer.optimize import optimizers, precision, pruning
 
 TESTING_STEPS = 6  # train steps in --testing mode
 TESTING_EVAL_BATCHES = 4
@@ -120,7 +120,42 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
 def _run(config: ml_collections.ConfigDict, workdir: str | None, *,
          testing: bool, allow_config_change: bool,
          callbacks: Sequence[keras.callbacks.Callback], task) -> RunResult:
-  """`run`, with op determinism as the config says."""
+  """`run`, with op determinism as the config says: build, then train."""
+  built = _build(config, workdir, testing=testing,
+                 allow_config_change=allow_config_change,
+                 callbacks=callbacks, task=task)
+  try:
+    return _train(built)
+  finally:
+    if built.trainer.watchdog:
+      built.trainer.watchdog.close()
+
+
+@dataclasses.dataclass
+class _Built:
+  """Everything a run needs, checked; nothing written yet."""
+  config: ml_collections.ConfigDict  # resolved (testing, pruning schedule)
+  workdir: str | None
+  trainer: Trainer
+  train: task_lib.Examples
+  eval_fn: object  # InputContext -> eval dataset
+  callbacks: list
+  saved: dict | None  # the saved config of a resumed run, flattened
+  testing: bool
+  allow_config_change: bool
+  config_optimizer: bool  # the optimizer is `optimizer.*`'s, not the task's
+
+
+def _build(config: ml_collections.ConfigDict, workdir: str | None, *,
+           testing: bool, allow_config_change: bool,
+           callbacks: Sequence[keras.callbacks.Callback], task) -> _Built:
+  """Checks the config, builds the strategy, data, task and Trainer, and
+  checks the workdir: every rejection of bad input happens here, and
+  nothing is written.
+
+  Raises:
+    UserError (ConfigError, DataError): bad input.
+  """
   config_lib.validate(config)
   config = config.copy_and_resolve_references()  # run() fills in defaults
   if task is not None:
@@ -128,6 +163,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str | None, *,
     config.task = task_lib.spec_of(task)
   if testing:
     config = testing_config(config)
+    if workdir and os.path.exists(os.path.join(workdir, "config.json")):
+      raise ConfigError(
+          f"--testing would overwrite the run in {workdir} (its config.json "
+          "and metrics.jsonl); omit --workdir or give an empty one")
   strategy = strategy_lib.build_strategy(
       config.distribution.strategy, config.distribution.num_cpu_devices)
   n = strategy.num_replicas_in_sync
@@ -145,6 +184,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str | None, *,
 
   if task is None:
     task = task_lib.load_task(config.task, config)
+  methods = task_lib.optional_methods(task)
   train = task_lib.examples(task.train_data(), "train_data")
   evals = task_lib.examples(task.eval_data(), "eval_data")
   data_lib.check_train_batch(train, config.data.global_batch_size // n)
@@ -155,7 +195,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str | None, *,
       evals, global_batch_size=config.data.eval_batch_size,
       take=TESTING_EVAL_BATCHES * config.data.eval_batch_size if testing
       else None)
-  saved = None  # the saved config of a resumed run, flattened
+  saved = None
   if workdir and not testing:
     saved_config = read_saved_config(workdir)
     fix_pruning_schedule(config, saved_config)
@@ -164,107 +204,109 @@ def _run(config: ml_collections.ConfigDict, workdir: str | None, *,
   else:
     fix_pruning_schedule(config, None)
 
-  compute_loss = getattr(task, "compute_loss", None)
-  train_step = getattr(task, "train_step", None)
   with strategy.scope():
     model = task.build_model()
     if not isinstance(model, dict):
       task_lib.build_variables(model, train)
-    task_lib.main_model(model, has_train_step=train_step is not None)
-    optimizer = (task.build_optimizer() if hasattr(task, "build_optimizer")
+    task_lib.main_model(model, has_train_step=methods.train_step is not None)
+    optimizer = (methods.build_optimizer() if methods.build_optimizer
                  else optimizers.build_optimizer(config.optimizer,
                                                  config.train.steps))
-  task_lib.check_task(task, model, train, compute_loss=compute_loss)
-  trainer = Trainer(
-      model=model, optimizer=optimizer,
-      loss=None if compute_loss else task.build_losses,
-      compute_loss=compute_loss, train_step=train_step,
-      metrics=task.build_metrics,  # fresh ones
-      strategy=strategy, steps_per_loop=config.train.steps_per_loop,
-      global_clipnorm=config.optimizer.global_clipnorm,
-      jit_compile=config.train.jit_compile,
-      grad_accum_steps=config.train.grad_accum_steps,
-      min_loss_scale=config.precision.min_loss_scale, seed=config.seed,
-      pruning=pruning.schedule_from_config(config.pruning, config.train.steps))
-  if config.train.jit_compile and config.train.deterministic:
-    trainer.step.check_compiles(_per_replica_spec(train, config, n))
+  task_lib.check_task(task, model, train, compute_loss=methods.compute_loss)
+  if workdir:
+    check_workdir_writable(workdir)
+  workers = strategy_lib.num_workers(strategy)
+  watchdog = (Watchdog(config.distribution.collective_timeout,
+                       name=f"worker {strategy.cluster_resolver.task_id}")
+              if workers > 1 and config.distribution.collective_timeout
+              else None)
+  try:
+    trainer = Trainer(
+        model=model, optimizer=optimizer,
+        loss=None if methods.compute_loss else task.build_losses,
+        compute_loss=methods.compute_loss, train_step=methods.train_step,
+        metrics=task.build_metrics,  # fresh ones
+        strategy=strategy, steps_per_loop=config.train.steps_per_loop,
+        global_clipnorm=config.optimizer.global_clipnorm,
+        jit_compile=config.train.jit_compile,
+        grad_accum_steps=config.train.grad_accum_steps,
+        min_loss_scale=config.precision.min_loss_scale, seed=config.seed,
+        pruning=pruning.schedule_from_config(config.pruning,
+                                             config.train.steps),
+        workdir=workdir, watchdog=watchdog)
+    if config.train.jit_compile and config.train.deterministic:
+      trainer.step.check_compiles(_per_replica_spec(train, config, n))
+    callbacks = [*callbacks, *(methods.callbacks() if methods.callbacks
+                               else ()),
+                 *callbacks_lib.build_callbacks(config, workdir,
+                                                testing=testing,
+                                                metrics=trainer.train_metrics)]
+  except BaseException:
+    if watchdog:
+      watchdog.close()
+    raise
+  return _Built(config=config, workdir=workdir, trainer=trainer, train=train,
+                eval_fn=eval_fn, callbacks=callbacks, saved=saved,
+                testing=testing, allow_config_change=allow_config_change,
+                config_optimizer=methods.build_optimizer is None)
 
-  trainer.workdir = workdir
-  callbacks = [*callbacks, *(task.callbacks() if hasattr(task, "callbacks")
-                             else ()),
-               *callbacks_lib.build_callbacks(config, workdir,
-                                              testing=testing,
-                                              metrics=trainer.train_metrics)]
+
+def _checkpointer(built: _Built) -> Checkpointer:
+  """The run's Checkpointer, restored from the latest checkpoint; a changed
+  `optimizer.learning_rate` (of a config optimizer) wins over the saved."""
+  config, trainer = built.config, built.trainer
+  checkpointer = Checkpointer(
+      os.path.join(built.workdir, "checkpoints"), model=trainer.model,
+      optimizer=trainer.optimizer, global_step=trainer.global_step,
+      is_chief=trainer.is_chief, max_to_keep=config.train.max_checkpoints,
+      allow_partial=built.allow_config_change,
+      async_save=config.train.async_checkpoint,
+      pruning_masks=trainer.pruner and trainer.pruner.masks,
+      more_models={n: m for n, m in trainer.models.items()
+                   if m is not trainer.model},
+      more_optimizers={n: o for n, o in trainer.optimizers.items()
+                       if o is not trainer.optimizer})
+  try:
+    checkpointer.restore_latest()
+    trainer.check_same_step()
+  except BaseException:
+    checkpointer.close()  # a worker's scratch directory
+    raise
+  new_lr = float(config.optimizer.learning_rate)
+  if (built.saved and built.config_optimizer and
+      config.optimizer.schedule == "constant" and
+      built.saved.get("optimizer.learning_rate") != new_lr):
+    # The checkpoint holds the old rate; a changed config wins over it.
+    optimizers.set_learning_rate(trainer.optimizer, new_lr)
+    logging.info("learning rate set to %g from the config", new_lr)
+  return checkpointer
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """WORKDIR/config.json, atomically: other workers may be reading the
+  previous one to compare."""
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, f".config.json.{os.getpid()}")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
+  os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def _train(built: _Built) -> RunResult:
+  """Restores the latest checkpoint, writes config.json (the first write to
+  the workdir), trains with SIGTERM as preemption, reports."""
+  config, workdir, trainer = built.config, built.workdir, built.trainer
   chief = trainer.is_chief
   if not chief:
     logging.set_verbosity(logging.WARNING)  # the chief reports progress
-  if testing and workdir and os.path.exists(
-      os.path.join(workdir, "config.json")):
-    raise ConfigError(
-        f"--testing would overwrite the run in {workdir} (its config.json "
-        "and metrics.jsonl); omit --workdir or give an empty one")
-  if workdir:
-    check_workdir_writable(workdir)
-  if trainer.num_workers > 1 and config.distribution.collective_timeout:
-    trainer.watchdog = Watchdog(
-        config.distribution.collective_timeout,
-        name=f"worker {strategy.cluster_resolver.task_id}")
-  try:
-    return _restore_and_train(config, workdir, trainer, eval_fn, callbacks,
-                              train=train, saved=saved, testing=testing,
-                              allow_config_change=allow_config_change,
-                              config_optimizer=not hasattr(task,
-                                                           "build_optimizer"))
-  finally:
-    if trainer.watchdog:
-      trainer.watchdog.close()
-
-
-def _restore_and_train(config: ml_collections.ConfigDict,
-                       workdir: str | None, trainer: Trainer, eval_fn,
-                       callbacks: list, *, train: task_lib.Examples,
-                       saved: dict | None, testing: bool,
-                       allow_config_change: bool,
-                       config_optimizer: bool) -> RunResult:
-  """Restores the latest checkpoint, writes config.json (the first write to
-  the workdir: every check has passed), trains, reports. With
-  `config_optimizer` (the optimizer is `optimizer.*`'s, not the task's own),
-  a changed `optimizer.learning_rate` wins over the checkpoint's."""
   checkpointer = None
-  chief, model = trainer.is_chief, trainer.model
-  if workdir and not testing:
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"), model=model,
-        optimizer=trainer.optimizer, global_step=trainer.global_step,
-        is_chief=chief, max_to_keep=config.train.max_checkpoints,
-        allow_partial=allow_config_change,
-        async_save=config.train.async_checkpoint,
-        pruning_masks=trainer.pruner and trainer.pruner.masks,
-        more_models={n: m for n, m in trainer.models.items()
-                     if m is not trainer.model},
-        more_optimizers={n: o for n, o in trainer.optimizers.items()
-                         if o is not trainer.optimizer})
-    try:
-      checkpointer.restore_latest()
-      trainer.check_same_step()
-    except BaseException:
-      checkpointer.close()  # a worker's scratch directory
-      raise
-    new_lr = float(config.optimizer.learning_rate)
-    if (saved and config_optimizer and config.optimizer.schedule == "constant"
-        and saved.get("optimizer.learning_rate") != new_lr):
-      # The checkpoint holds the old rate; a changed config wins over it.
-      optimizers.set_learning_rate(trainer.optimizer, new_lr)
-      logging.info("learning rate set to %g from the config", new_lr)
+  callbacks = list(built.callbacks)
+  if workdir and not built.testing:
+    checkpointer = _checkpointer(built)
     callbacks.append(CheckpointEvery(checkpointer,
                                      config.train.checkpoint_every))
-  if workdir and chief:  # every check has passed: the first write
-    os.makedirs(workdir, exist_ok=True)
-    # Atomic: other workers may be reading the previous one to compare.
-    tmp = os.path.join(workdir, f".config.json.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
-    os.replace(tmp, os.path.join(workdir, "config.json"))
+  if workdir and chief:
+    _write_config(config, workdir)
 
   start = time.perf_counter()
   previous_handler = signal.getsignal(signal.SIGTERM)
@@ -272,12 +314,12 @@ def _restore_and_train(config: ml_collections.ConfigDict,
     signal.signal(signal.SIGTERM,
                   lambda *_: trainer.request_preemption())
   try:
-    logs = _fit_with_recovery(trainer, config, train, eval_fn, callbacks,
-                              checkpointer)
+    logs = _fit_with_recovery(trainer, config, built.train, built.eval_fn,
+                              callbacks, checkpointer)
     if "eval/loss" not in logs and not trainer.preempted:
       # resumed at or past train.steps: nothing to train, report the model
       logs.update({f"eval/{k}": v
-                   for k, v in trainer.evaluate(eval_fn).items()})
+                   for k, v in trainer.evaluate(built.eval_fn).items()})
   finally:
     if threading.current_thread() is threading.main_thread():
       signal.signal(signal.SIGTERM, previous_handler)

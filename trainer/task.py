@@ -42,6 +42,8 @@ import importlib.util
 import os
 import re
 import sys
+import typing
+from typing import Callable
 
 import keras
 import numpy as np
@@ -52,9 +54,41 @@ from trainer.data import pipeline
 from trainer.data.files import Files
 from trainer.errors import ConfigError, DataError, first_line
 
-REQUIRED = ("build_model", "train_data", "eval_data", "build_losses",
-            "build_metrics")
-OPTIONAL = ("compute_loss", "callbacks", "build_optimizer", "train_step")
+
+class Task(typing.Protocol):
+  """The methods every task has (the module docstring says what each
+  returns). `build_losses` may be left out when `compute_loss` is given."""
+
+  def build_model(self) -> keras.Model | dict: ...
+
+  def train_data(self): ...
+
+  def eval_data(self): ...
+
+  def build_losses(self, labels, model_outputs) -> tf.Tensor: ...
+
+  def build_metrics(self) -> list: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionalMethods:
+  """A task's optional methods, looked up once: each the bound method, or
+  None where the task has none."""
+  compute_loss: Callable | None = None
+  callbacks: Callable | None = None
+  build_optimizer: Callable | None = None
+  train_step: Callable | None = None
+
+
+REQUIRED = tuple(name for name in Task.__dict__
+                 if not name.startswith("_") and callable(Task.__dict__[name]))
+OPTIONAL = tuple(field.name for field in dataclasses.fields(OptionalMethods))
+
+
+def optional_methods(task: Task) -> OptionalMethods:
+  """The optional methods `task` has (the only place that looks)."""
+  return OptionalMethods(**{name: getattr(task, name) for name in OPTIONAL
+                            if callable(getattr(task, name, None))})
 
 
 def _import_file(path: str, spec: str):
@@ -122,8 +156,7 @@ def spec_of(task) -> str:
 def check_methods(task, what: str) -> None:
   """Raises ConfigError naming the required methods `task` lacks."""
   missing = [m for m in REQUIRED if not callable(getattr(task, m, None))]
-  if "build_losses" in missing and callable(getattr(task, "compute_loss",
-                                                    None)):
+  if "build_losses" in missing and optional_methods(task).compute_loss:
     missing.remove("build_losses")  # compute_loss gives the losses
   if missing:
     raise ConfigError(
@@ -269,8 +302,8 @@ def check_task(task, model: keras.Model, train: Examples, *,
       not take the examples, build_losses (or compute_loss) fails or does not
       return [batch], or a metric from build_metrics() fails on them.
   """
-  main = main_model(model, has_train_step=callable(getattr(task, "train_step",
-                                                          None)))
+  main = main_model(model,
+                    has_train_step=bool(optional_methods(task).train_step))
   batch = first_batch(train)
   x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
   shape = lambda t: tf.nest.map_structure(lambda a: tuple(a.shape), t)

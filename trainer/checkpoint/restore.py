@@ -73,8 +73,9 @@ def restore(workdir: str) -> Restored:
   task = task_lib.load_task(config.task, config)
   with float32_policy():
     # the main model of several (the first; a task with its own train_step)
-    model = task_lib.main_model(task.build_model(), has_train_step=callable(
-        getattr(task, "train_step", None)))
+    model = task_lib.main_model(
+        task.build_model(),
+        has_train_step=bool(task_lib.optional_methods(task).train_step))
     # a subclassed model makes its variables when called
     task_lib.build_variables(model, task_lib.examples(task.eval_data(),
                                                       "eval_data"))

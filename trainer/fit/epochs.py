@@ -21,9 +21,14 @@ def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
                callbacks) -> keras.callbacks.History:
   """The epoch and host loops of `Trainer.fit` (see there) for `trainer`:
   callbacks, host loops of `train_steps`, evaluation, agreement between
-  workers, early stops. Uses the Trainer's private hooks (`_beat`,
-  `_agree_on_decisions`, `_evaluate_with_callbacks`): it is the Trainer's
-  own loop, in a file of its own."""
+  workers, early stops.
+
+  What it uses of the Trainer, all public: `train_steps`, `distribute`,
+  `agree_on_decisions`, `evaluate_with_callbacks`, `learning_rate`,
+  `global_step`, `step` (`loss_scales`, `log_names`, `updates_metrics`),
+  `model`, `optimizer(s)`, `train_metrics`, `steps_per_loop`,
+  `min_loss_scale`, `is_chief`, `preempted`.
+  """
   history = keras.callbacks.History()
   # Host loops end at these multiples of the global step (the same on
   # every worker: computed before chief-only callbacks are dropped).
@@ -55,7 +60,7 @@ def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
       iterator = iter(distributed)
     epoch_end = plan.epoch_end(epoch_start)
     callback_list.on_epoch_begin(epoch)
-    trainer._agree_on_decisions()
+    trainer.agree_on_decisions()
     loss_sum, examples, first_step, exhausted = 0.0, 0, step, False
     step_sums = {}  # the values a task's own train_step logs
     while epoch_end is None or step < epoch_end:
@@ -84,8 +89,8 @@ def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
       callback_list.on_train_batch_end(step - epoch_start - 1, logs)
       if (validation is not None and eval_every and step % eval_every == 0
           and not exhausted and (epoch_end is None or step < epoch_end)):
-        eval_logs = trainer._evaluate_with_callbacks(callback_list, validation)
-      trainer._agree_on_decisions()
+        eval_logs = trainer.evaluate_with_callbacks(callback_list, validation)
+      trainer.agree_on_decisions()
       if exhausted or trainer.model.stop_training or trainer.preempted:
         break
     ended = exhausted and plan.run_ends_with_data
@@ -98,11 +103,11 @@ def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
                   **{k: v / examples for k, v in step_sums.items()},
                   "learning_rate": trainer.learning_rate()}
     if validation is not None:
-      eval_logs = trainer._evaluate_with_callbacks(callback_list, validation)
+      eval_logs = trainer.evaluate_with_callbacks(callback_list, validation)
       epoch_logs.update({f"val_{k}": v for k, v in eval_logs.items()
                          if k != "num_examples"})
     callback_list.on_epoch_end(epoch, epoch_logs)
-    trainer._agree_on_decisions()
+    trainer.agree_on_decisions()
     epoch += 1
   logs.update({f"eval/{k}": v for k, v in eval_logs.items()})
   callback_list.on_train_end(logs)

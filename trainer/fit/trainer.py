@@ -27,7 +27,8 @@ from trainer.optimize.optimizers import (inner_optimizer, prepare_optimizers,
                                         set_learning_rate)
 from trainer.fit.predict import Predictor
 from trainer.optimize.pruning import Pruner, PruningSchedule
-from trainer.step.loss import ComputeLoss, float32_losses, make_compute_loss, resolve_loss
+from trainer.step.loss import (ComputeLoss, float32_losses, make_compute_loss,
+                               resolve_loss)
 from trainer.step.builtin import TrainStep
 from trainer.step.custom import CustomStep
 from trainer.distribute.strategy import is_chief, num_workers
@@ -76,6 +77,10 @@ class Trainer:
       overflowing at a scale that no longer amplifies the gradients, so
       none is applied.
     seed: shuffles numpy inputs to `fit` (a new order every epoch).
+    workdir: the run's directory, for callbacks that write files
+      (`trainer.workdir`), or None.
+    watchdog: a trainer.distribute.watchdog.Watchdog told of every host-loop
+      boundary (multi-worker runs), or None.
   """
 
   def __init__(self, *, model: keras.Model | dict, optimizer, loss=None,
@@ -86,7 +91,8 @@ class Trainer:
                steps_per_loop: int = 1, global_clipnorm: float = 0.0,
                jit_compile: bool = False, grad_accum_steps: int = 1,
                pruning: PruningSchedule | None = None,
-               min_loss_scale: float = 1.0, seed: int = 0):
+               min_loss_scale: float = 1.0, seed: int = 0,
+               workdir: str | None = None, watchdog=None):
     if loss is not None and compute_loss is not None:
       raise ValueError("pass `loss` or `compute_loss`, not both")
     if train_step is None and loss is None and compute_loss is None:
@@ -142,12 +148,7 @@ class Trainer:
     self.agreement = WorkerAgreement(self.strategy, self.num_workers)
     self._preempt_requested = False
     self.preempted = False  # the run stopped early on request_preemption()
-    # A trainer.distribute.watchdog.Watchdog told of every host-loop boundary (set by
-    # trainer.run for multi-worker jobs), or None.
-    self.watchdog = None
-    # The run's directory, for callbacks that write files (set by
-    # trainer.run), or None.
-    self.workdir = None
+    self.watchdog, self.workdir = watchdog, workdir
     self._evaluator = self._compute_loss and Evaluator(
         model=model if compute_loss else self.model,
         compute_loss=self._compute_loss, strategy=self.strategy,
@@ -281,7 +282,7 @@ class Trainer:
     """
     return self._predictor(x, batch_size)
 
-  def _evaluate_with_callbacks(self, callback_list, data) -> dict:
+  def evaluate_with_callbacks(self, callback_list, data) -> dict:
     callback_list.on_test_begin()
     eval_logs = self.evaluate(data)
     callback_list.on_test_end(eval_logs)
@@ -309,7 +310,7 @@ class Trainer:
     (after a restore: a workdir that is not shared between the workers)."""
     self.agreement.check_same_step(int(self.global_step.numpy()))
 
-  def _agree_on_decisions(self) -> None:
+  def agree_on_decisions(self) -> None:
     """Makes callback decisions the same on every worker (trivial on one).
 
     `stop_training` set on any worker stops all of them; the chief's learning

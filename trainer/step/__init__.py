@@ -7,6 +7,8 @@
   context.py   StepContext: what a task's own train_step gets (`step`)
   update.py    OptimizerUpdate: one optimizer's update after the all-reduce
                (loss scale, skip on overflow, clip), shared by both steps
+  base.py      Step: what both share (global step, after-update hook, the
+               host loop's interface, StepOutput) and dense_gradients
   loss.py      ComputeLoss and the per-example loss helpers
   replica.py   replica-context primitives both steps share (empty replicas,
                batch-norm statistics, the all-reduce, XLA's refusal)

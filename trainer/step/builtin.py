@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 import tensorflow as tf
 
 from trainer.errors import ConfigError
+from trainer.step.base import Step, StepOutput, dense_gradients
 from trainer.step.loss import ComputeLoss, unpack_batch
 from trainer.step.replica import (all_reduce_sum, average_statistics,
                                   call_nonempty, has_synchronized_bn,
@@ -40,7 +41,7 @@ class ReplicaOutput(NamedTuple):
   count: tf.Tensor  # examples in the global batch (float32)
 
 
-class TrainStep:
+class TrainStep(Step):
   """Builds the per-step functions for one model, optimizer and strategy.
 
   Args:
@@ -65,20 +66,15 @@ class TrainStep:
                after_update: Callable[[tf.Tensor], None] | None = None):
     if accum_steps < 1:
       raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    super().__init__(strategy, after_update)
     self.accum_steps = int(accum_steps)
-    self._after_update = after_update
     self.model = model
     self.optimizer = optimizer
-    self.strategy = strategy
     self.metrics = list(metrics)
     self._compute_loss = compute_loss
     self.update = OptimizerUpdate(optimizer, model.trainable_variables,
                                   strategy, global_clipnorm)
     self.loss_scaled = self.update.loss_scaled
-    with strategy.scope():
-      self.global_step = tf.Variable(
-          0, dtype=tf.int64, trainable=False, name="global_step",
-          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     if ((jit_compile or self.accum_steps > 1) and
         strategy.num_replicas_in_sync > 1 and has_synchronized_bn(model)):
       raise ConfigError(
@@ -114,8 +110,6 @@ class TrainStep:
       lower_to_hlo(lambda: self._local_grads.experimental_get_compiler_ir(
           batch, tf.constant(1.0))(stage="hlo"))
 
-  updates_metrics = True  # the train metrics see every step's predictions
-  log_names = ()  # more values the step logs (a task's own step has some)
 
   @property
   def loss_scales(self) -> dict[str, tf.Variable]:
@@ -150,9 +144,7 @@ class TrainStep:
                              self.accum_steps)
       if self.loss_scaled:
         loss = self.optimizer.scale_loss(loss)
-    grads = tape.gradient(loss, variables)
-    grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-             for g, v in zip(grads, variables)]
+    grads = dense_gradients(tape.gradient(loss, variables), variables)
     return grads, loss_sum, tf.cast(tf.size(per_example), tf.float32), y_pred
 
   def _update_metrics(self, batch, y_pred) -> None:
@@ -213,13 +205,13 @@ class TrainStep:
     grads, finite, grad_norm = self.update.finish(grads, want_norm)
     return ReplicaOutput(grads, finite, grad_norm, loss_sum, count)
 
-  def zero_outputs(self, element_spec) -> dict:  # pylint: disable=unused-argument
+  def zero_outputs(self, element_spec) -> StepOutput:  # pylint: disable=unused-argument
     """The structure `__call__` returns, as zeros (the loop's start)."""
     zero = tf.constant(0.0)
     return {"sum": {"loss_sum": zero, "count": zero, "skipped": zero},
             "last": {"grad_norm": zero}}
 
-  def __call__(self, batch, want_norm=True) -> dict:
+  def __call__(self, batch, want_norm=True) -> StepOutput:
     """One step in cross-replica context (inside tf.function, under scope).
 
     Returns {"sum": {loss_sum, count, skipped}, "last": {grad_norm}}: scalar
@@ -229,9 +221,7 @@ class TrainStep:
     out = self.strategy.run(self.replica_step, args=(batch, want_norm))
     first = lambda t: self.strategy.experimental_local_results(t)[0]
     skipped = self.update.apply(out.grads, first(out.finite))
-    step = self.global_step.assign_add(1)
-    if self._after_update is not None:
-      self._after_update(step)
+    self._advance()
     return {"sum": {"loss_sum": first(out.loss_sum),
                     "count": first(out.count), "skipped": skipped},
             "last": {"grad_norm": first(out.grad_norm)}}

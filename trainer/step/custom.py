@@ -8,8 +8,10 @@ from typing import Callable
 import tensorflow as tf
 
 from trainer.errors import ConfigError
-from trainer.step.replica import all_reduce_sum, average_statistics, lower_to_hlo, pad_empty, replica_statistics
+from trainer.step.base import Step, StepOutput, dense_gradients
 from trainer.step.context import StepContext
+from trainer.step.replica import (all_reduce_sum, average_statistics,
+                                  lower_to_hlo, pad_empty, replica_statistics)
 from trainer.step.update import OptimizerUpdate
 
 # Log names the trainer writes itself (and their `<name>/...` forms); a
@@ -28,12 +30,10 @@ def _rows(batch):
 
 
 def _gradients(tape, loss, variables) -> list:
-  grads = tape.gradient(loss, variables)
-  return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-          for g, v in zip(grads, variables)]
+  return dense_gradients(tape.gradient(loss, variables), variables)
 
 
-class CustomStep:
+class CustomStep(Step):
   """Runs a task's `train_step(batch, step)` under a strategy, one update per
   optimizer it applies; the same interface to the Trainer's loop as
   trainer.step.builtin.TrainStep.
@@ -57,18 +57,15 @@ class CustomStep:
                global_clipnorm: float = 0.0, jit_compile: bool = False,
                seed: int = 0,
                after_update: Callable[[tf.Tensor], None] | None = None):
-    self._train_step, self.models, self.strategy = train_step, models, strategy
+    super().__init__(strategy, after_update)
+    self._train_step, self.models = train_step, models
     self.updates = {name: OptimizerUpdate(opt, models[name].trainable_variables,
                                           strategy, global_clipnorm)
                     for name, opt in optimizers.items()}
     self._aliases = list(aliases or ())  # (object, name), matched by `is`
     for name, update in self.updates.items():
       self._aliases += [(update.optimizer, name), (update.inner, name)]
-    self._seed, self._after_update = int(seed), after_update
-    with strategy.scope():
-      self.global_step = tf.Variable(
-          0, dtype=tf.int64, trainable=False, name="global_step",
-          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self._seed = int(seed)
     self._statistics = ([s for m in models.values()
                          for s in replica_statistics(m)]
                         if strategy.num_replicas_in_sync > 1 else [])
@@ -161,8 +158,7 @@ class CustomStep:
     grads = []
     for applied in ctx.applied:
       if applied.loss is None:  # given gradients
-        got = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-               for g, v in zip(applied.target, applied.variables)]
+        got = dense_gradients(applied.target, applied.variables)
       elif tf.get_static_value(applied.when):  # always applied
         got = _gradients(tape, applied.target, applied.variables)
       else:  # no backward pass for an update left out of this step
@@ -227,7 +223,7 @@ class CustomStep:
   def _names(self) -> tuple[list, list]:
     return [n for n, _ in self._applied], self._log_names
 
-  def zero_outputs(self, element_spec) -> dict:
+  def zero_outputs(self, element_spec) -> StepOutput:
     """The structure `__call__` returns, as zeros: traces (does not run) the
     user's step once for its log names and applied optimizers."""
     if self._applied is None:
@@ -256,7 +252,7 @@ class CustomStep:
       return {"grad_norm": values[0]}
     return {f"grad_norm/{n}": v for n, v in zip(names, values)}
 
-  def __call__(self, batch, want_norm=True) -> dict:
+  def __call__(self, batch, want_norm=True) -> StepOutput:
     """One step in cross-replica context; see TrainStep.__call__. Adds
     `skipped/<optimizer>` and `log/<name>` (value x count) to the sums,
     and `grad_norm/<optimizer>` (several optimizers) to the last values."""
@@ -281,9 +277,7 @@ class CustomStep:
     sums.update({f"log/{k}": v * count for k, v in logs.items()})
     last = self._norm_logs([first(n) for n in out["norm"]])
     made = self._norm_logs([first(w) for w in out["when"]])
-    step = self.global_step.assign_add(1)
-    if self._after_update is not None:
-      self._after_update(step)
+    self._advance()
     return {"sum": sums, "last": last,
             "last_if": {k: made[k] for k, c in zip(last, self._conditional)
                         if c}}
