@@ -16,9 +16,9 @@ by its watchdog (4) instead restarts the whole job (fresh ports, resuming
 from the latest checkpoint, one `restart k: ...` line and a metrics.jsonl
 event each; launch/restarts.py), and after N restarts the launcher exits
 with the last failure's status (128 + signal for a kill). It exits 0 when
-every worker succeeds, and 75 when the workers were preempted (SIGTERM:
-they agreed on a step, saved a checkpoint and exited 75; rerun the same
-command to resume).
+every worker succeeds, and 75 when the workers were preempted (SIGTERM or
+Ctrl-C: they agreed on a step, saved a checkpoint and exited 75; rerun the
+same command to resume); a second Ctrl-C stops them at once (130).
 
 Trust: each worker's TensorFlow gRPC server listens on all interfaces at its
 TF_CONFIG port, with no authentication (TensorFlow 2.21 cannot bind it to
@@ -185,13 +185,15 @@ class Workers:
     failed = None
     while failed is None and any(p.poll() is None for p in self.procs):
       for i, proc in enumerate(self.procs):
-        if proc.poll() not in (None, 0, ExitStatus.PREEMPTED):
+        if proc.poll() not in (None, 0, ExitStatus.PREEMPTED,
+                               ExitStatus.INTERRUPTED):
           failed = i
           break
       time.sleep(0.1)
     if failed is None:  # all have exited; one may have failed last
       failed = next((i for i, p in enumerate(self.procs)
-                     if p.returncode not in (0, ExitStatus.PREEMPTED)), None)
+                     if p.returncode not in (0, ExitStatus.PREEMPTED,
+                                             ExitStatus.INTERRUPTED)), None)
     if failed is not None:
       code = self.procs[failed].returncode
       print(f"error: worker {failed} {describe_exit(code)}; stopping the "
@@ -201,8 +203,9 @@ class Workers:
       pump.join(timeout=5)
     if failed is not None:
       return self.procs[failed].returncode, failed
-    if any(p.returncode == ExitStatus.PREEMPTED for p in self.procs):
-      return ExitStatus.PREEMPTED, None
+    for status in (ExitStatus.INTERRUPTED, ExitStatus.PREEMPTED):
+      if any(p.returncode == status for p in self.procs):
+        return status, None
     return 0, None
 
 
@@ -239,6 +242,10 @@ class Job:
         if code == ExitStatus.PREEMPTED:
           print("preempted: the workers saved a checkpoint and stopped; run "
                 "the same command to resume", file=sys.stderr, flush=True)
+        elif code == ExitStatus.INTERRUPTED:
+          print("interrupted: the workers stopped at once, not saved; run "
+                "the same command to resume from the last checkpoint",
+                file=sys.stderr, flush=True)
         return code
       cause = f"worker {failed} {describe_exit(code)}"
       if self.stopping and code in (-signal.SIGTERM, -signal.SIGINT):

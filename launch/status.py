@@ -20,6 +20,7 @@ class ExitStatus(enum.IntEnum):
   STALLED = 4  # the watchdog ended a worker without host-loop progress
   DISK_FULL = 5  # a checkpoint could not be written; the last one is intact
   PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint saved; rerun to resume
+  INTERRUPTED = 130  # a second Ctrl-C: stopped at once, not saved (128 + SIGINT)
 
   @property
   def restartable(self) -> bool:

@@ -15,7 +15,8 @@ loss scale below precision.min_loss_scale; checkpoints kept intact);
 distribution.collective_timeout seconds; trainer/distribute/watchdog.py);
 5 a checkpoint could not be written (disk full; the last complete one is
 intact and the same command resumes from it);
-75 preempted by SIGTERM (checkpoint saved at the next step boundary).
+75 preempted by SIGTERM or Ctrl-C (checkpoint saved at the next step boundary);
+130 a second Ctrl-C (stopped at once, not saved).
 """
 
 import os
@@ -141,6 +142,10 @@ def main(argv: list[str]) -> None:
   except CheckpointWriteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(ExitStatus.DISK_FULL)
+  except KeyboardInterrupt:
+    print("interrupted: stopped by Ctrl-C before training started; the "
+          "same command resumes from the last checkpoint", file=sys.stderr)
+    sys.exit(ExitStatus.INTERRUPTED)
   except Exception as e:  # pylint: disable=broad-except
     if not _TESTING.value:
       raise
@@ -160,17 +165,23 @@ def main(argv: list[str]) -> None:
           f"{logs.get('eval/num_examples', 0)} examples")
     sys.exit(ExitStatus.DONE if ok else ExitStatus.FAILED)
   if result.preempted:
+    cause = result.stop_signal or "another worker's signal"
     if result.is_chief and (result.checkpoint or "").endswith(
         f"ckpt-{result.steps}"):
-      print(f"preempted: stopped at step {result.steps} on SIGTERM, "
+      print(f"preempted: stopped at step {result.steps} on {cause}, "
             "checkpoint saved; run the same command to resume")
     elif result.is_chief:
-      print(f"preempted: stopped at step {result.steps} on SIGTERM, not "
+      print(f"preempted: stopped at step {result.steps} on {cause}, not "
             "checkpointed (the last loss was not finite); the same command "
             f"resumes from {result.checkpoint or 'the start'}")
     sys.exit(ExitStatus.PREEMPTED)
   if not result.is_chief:
     return  # the chief reports for the job
+  if result.already_done:
+    print(f"already at step {result.steps}: nothing to train, nothing "
+          f"written; {_eval_summary(logs)} (raise --config.train.steps to "
+          "train on)")
+    return
   logging.info("done: step %d, %s", result.steps,
                {k: round(v, 4) for k, v in logs.items()
                 if isinstance(v, float)})

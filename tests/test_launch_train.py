@@ -45,10 +45,18 @@ def test_same_command_on_a_finished_workdir_resumes_and_does_nothing(tmp_path):
           "--config.train.checkpoint_every=50")
   assert run_module(*args).returncode == 0
   lines = len(read_metrics(tmp_path))
+  files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
   again = run_module(*args)
   assert again.returncode == 0, again.stderr[-2000:]
   assert "restored" in again.stderr and "(step 100)" in again.stderr
   assert len(read_metrics(tmp_path)) == lines
+  # It says so and writes nothing (it saved ckpt-100 again and printed a
+  # progress bar of 0/1 steps).
+  assert again.stdout.strip().splitlines()[-1].startswith(
+      "already at step 100: nothing to train, nothing written; eval "
+      "accuracy 0.")
+  assert "0/1" not in again.stdout
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == files
 
 
 MOCK_TFDS = {  # config -> tiny overrides so the CPU run takes seconds

@@ -93,7 +93,13 @@ def test_sigkill_at_a_random_step_then_restart_is_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_within_one_loop_and_the_rerun_continues(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGTERM", "ctrl-c"])
+def test_sigterm_saves_within_one_loop_and_the_rerun_continues(stop,
+                                                               tmp_path):
+  """SIGTERM (a scheduler) and Ctrl-C (SIGINT) alike: the run saves at the
+  next host-loop boundary and exits 75 (Ctrl-C used to be a 100-line
+  KeyboardInterrupt traceback, exit 130, nothing saved)."""
   args = ["launch.train", "--config=configs/digits.py",
           f"--workdir={tmp_path}", "--config.train.steps=100000",
           "--config.train.steps_per_loop=20",
@@ -107,19 +113,50 @@ def test_sigterm_saves_within_one_loop_and_the_rerun_continues(tmp_path):
   while time.monotonic() < deadline and not (
       metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(stop)
   sent = time.monotonic()
   out, err = proc.communicate(timeout=60)
   assert proc.returncode == 75, err[-3000:]
   assert time.monotonic() - sent < 10  # one loop of 20 steps is ~0.05 s
   step = read_metrics(tmp_path)[-1]["step"]
-  assert f"preempted: stopped at step {step} on SIGTERM" in out
+  assert f"preempted: stopped at step {step} on {stop.name}" in out
+  assert "Traceback" not in err
   assert (tmp_path / "checkpoints" / f"ckpt-{step}.index").exists()
   again = run_module(*args[:3], f"--config.train.steps={step + 40}",
                      *args[4:])
   assert again.returncode == 0, again.stderr[-3000:]
   assert f"(step {step})" in again.stderr
   assert read_metrics(tmp_path)[-1]["step"] == step + 40
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
+  """Host loops of 10,000 steps (seconds each, one TensorFlow call): both
+  Ctrl-Cs land inside one, and the second stops the run there, status 130,
+  one line, no traceback; the first checkpoint stays."""
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "launch.train", "--config=configs/digits.py",
+       f"--workdir={tmp_path}", "--config.train.steps=10000000",
+       "--config.train.steps_per_loop=10000",
+       "--config.train.checkpoint_every=10000",
+       "--config.train.steps_per_epoch=100000000",
+       "--config.callbacks.progress_bar=False"], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  checkpoint = tmp_path / "checkpoints" / "ckpt-10000.index"
+  deadline = time.monotonic() + 120
+  while time.monotonic() < deadline and not checkpoint.exists():
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err and "preempted" not in out
+  assert err.strip().splitlines()[-1].startswith(
+      "interrupted: stopped at once by a second Ctrl-C, not saved")
+  assert "SIGINT: stopping at the next step boundary and saving a " \
+      "checkpoint; press Ctrl-C again to stop at once" in err
+  assert checkpoint.exists()
 
 
 
@@ -139,11 +176,12 @@ def test_sigterm_to_a_two_worker_job_saves_on_both_and_the_rerun_continues(
   while time.monotonic() < deadline and proc.poll() is None and not (
       metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both
+  # Ctrl-C; the launcher forwards it to both (SIGTERM takes the same path).
+  proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 75, err[-3000:]
   step = read_metrics(tmp_path)[-1]["step"]
-  assert f"[worker 0] preempted: stopped at step {step} on SIGTERM" in out
+  assert f"[worker 0] preempted: stopped at step {step} on SIGINT" in out
   assert "error: worker" not in err and "preempted: the workers saved" in err
   assert (tmp_path / "checkpoints" / f"ckpt-{step}.index").exists()
   again = run_module("launch.local", "--num_workers=2", "--", *flags,

@@ -55,7 +55,7 @@ def shard_by_file(examples: tf.data.Dataset, num_shards: int,
   logging.warning(
       "the training data cannot be split by file across %d input pipelines "
       "(it reads no files, or fewer files than pipelines): each worker runs "
-      "the whole pipeline and keeps every %d-th example; write at least %d "
+      "the whole pipeline and keeps one example in %d; write at least %d "
       "files for each worker to read only its own", num_shards, num_shards,
       num_shards)
   options = tf.data.Options()

@@ -139,7 +139,7 @@ def train_fn(files: Files, *, global_batch_size: int, seed: int,
     if split_records and pipelines > 1:
       logging.warning(
           "%d files for %d input pipelines: every pipeline reads every file "
-          "and keeps every %d-th raw record (give at least as many files as "
+          "and keeps one raw record in %d (give at least as many files as "
           "workers to split the reading too)", len(paths), pipelines,
           pipelines)
     own_paths = tf.constant([paths[j] for j in own])
