@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, run_module
+from trainer import layers
 from trainer.checkpoint import model_state as model_state_lib
 from trainer.export import formats as export_formats
 from trainer.checkpoint import restore as restore_lib
@@ -458,3 +459,29 @@ def test_a_subclassed_model_is_built_before_its_checkpoint_is_restored(
   np.testing.assert_array_equal(restored.model(x), trained(x))
   sig = signature_lib.of_model(restored.model, x, np.asarray(trained(x)))
   assert list(sig.inputs) == ["inputs"] and list(sig.outputs) == ["output_0"]
+
+
+def test_a_layer_keras_cannot_load_back_is_named_with_the_fix():
+  """A plain custom layer (not registered): the .keras formats are one
+  error naming the layer, its class and the fix (it was Keras'
+  'Sequential could not be deserialized properly'); registered classes,
+  Keras' own and the trainer's layers pass."""
+
+  class Plain(keras.layers.Layer):
+    def call(self, x):
+      return x * 2.0
+
+  model = keras.Sequential([keras.Input((3,)), Plain(name="doubled"),
+                            keras.layers.Dense(2)])
+  with pytest.raises(ValueError) as raised:
+    export_formats.check_saveable(model)
+  assert str(raised.value) == (
+      "'doubled' (test_export_tasks.test_a_layer_keras_cannot_load_back_is_"
+      "named_with_the_fix.<locals>.Plain) cannot be loaded back from a .keras"
+      " file: decorate the class with @keras.saving.register_keras_"
+      "serializable(package=...) and give it get_config() returning its "
+      "constructor arguments")
+  registered = keras.saving.register_keras_serializable(
+      package="test_export_tasks")(type("Registered", (Plain,), {}))
+  export_formats.check_saveable(keras.Sequential([
+      keras.Input((3,)), registered(), layers.DenseLayer(2)]))

@@ -39,8 +39,8 @@ import tensorflow as tf
 from trainer.export import signature as signature_lib
 from trainer import task as task_lib
 from trainer.errors import ConfigError, DataError, first_line
-from trainer.export.formats import (FILES, FORMATS, Skipped, predictor,
-                                    quantize_keras, tflite_model)
+from trainer.export.formats import (FILES, FORMATS, Skipped, check_saveable,
+                                    predictor, quantize_keras, tflite_model)
 from trainer.checkpoint.restore import Restored, float32_policy, restore
 
 REPRESENTATIVE_BATCH_SIZE = 32
@@ -204,8 +204,10 @@ def _write(name: str, path: str, model: keras.Model, saved_model: str,
   """Writes format `name` to `path`; returns what the report says of it."""
   row = {}
   if name == "keras":
+    check_saveable(model)
     model.save(path)
   elif name.startswith("keras_"):
+    check_saveable(model)
     quantized, row["quantized_layers"] = quantize_keras(model, name[6:])
     quantized.save(path)
   elif name.startswith("tflite_"):

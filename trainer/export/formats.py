@@ -39,6 +39,31 @@ class Skipped(Exception):
   """The format cannot apply to this model; the message says why."""
 
 
+def check_saveable(model: keras.Model) -> None:
+  """Raises ValueError naming each layer (and its class) that a `.keras`
+  file could not load back: a class that is neither Keras' own nor
+  registered, so `keras.models.load_model` cannot find it.
+
+  The fix is the user's: `@keras.saving.register_keras_serializable()` on
+  the class, and a `get_config()` that returns its constructor arguments.
+  """
+  unknown = []
+  for layer in [model, *model._flatten_layers(include_self=False)]:  # pylint: disable=protected-access
+    cls = type(layer)
+    if cls.__module__.split(".")[0] == "keras":
+      continue
+    if keras.saving.get_registered_object(
+        keras.saving.get_registered_name(cls)) is cls:
+      continue
+    unknown.append(f"{layer.name!r} ({cls.__module__}.{cls.__qualname__})")
+  if unknown:
+    raise ValueError(
+        f"{', '.join(unknown)} cannot be loaded back from a .keras file: "
+        "decorate the class with @keras.saving.register_keras_serializable("
+        "package=...) and give it get_config() returning its constructor "
+        "arguments")
+
+
 def with_builtin_layers(model: keras.Model) -> keras.Model:
   """A copy of `model` with `trainer.layers.DenseLayer` as `keras.layers.Dense`.
 
