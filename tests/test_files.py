@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers.checkpoints import variables as _variables
 from conftest import run_modules
 from tests.helpers import image_files, tfrecord_task
 from trainer import data as data_lib
@@ -179,12 +180,6 @@ def _run_args(workdir, *extra):
           "--config.callbacks.progress_bar=False",
           "--config.callbacks.tensorboard=False",
           "--config.callbacks.custom=recorder:KillAt", *extra]
-
-
-def _variables(checkpoint_dir) -> dict:
-  reader = tf.train.load_checkpoint(str(checkpoint_dir))
-  return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
-          if "save_counter" not in n}
 
 
 @pytest.mark.slow

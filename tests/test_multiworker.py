@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from tests.helpers.checkpoints import variables as _variables
 from conftest import ROOT, run_module, run_modules
 from trainer.callbacks import read_metrics
 
@@ -27,13 +27,6 @@ SMALL = ["--config=configs/digits.py", "--config.train.deterministic=True",
          "--config.train.checkpoint_every=0",
          "--config.callbacks.progress_bar=False",
          "--config.callbacks.tensorboard=False"]
-
-
-def _variables(workdir) -> dict[str, np.ndarray]:
-  reader = tf.train.load_checkpoint(str(workdir / "checkpoints"))
-  return {name: reader.get_tensor(name)
-          for name in reader.get_variable_to_shape_map()
-          if "save_counter" not in name and "OBJECT_GRAPH" not in name}
 
 
 def test_two_workers_train_like_two_mirrored_replicas_in_one_process(

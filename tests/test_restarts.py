@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from tests.helpers.checkpoints import variables as _variables
 from conftest import ROOT
 from launch import restarts
 from tests.test_multiworker import _alive, _worker_pids
@@ -88,12 +88,6 @@ def _kill_when(proc, workdir, step, worker, seen: set) -> int:
     time.sleep(0.1)
   raise AssertionError(f"never reached step {step} (launcher ended: "
                        f"{proc.poll()})")
-
-
-def _variables(workdir) -> dict:
-  reader = tf.train.load_checkpoint(str(workdir / "checkpoints"))
-  return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
-          if "save_counter" not in n}
 
 
 @pytest.mark.slow

@@ -15,18 +15,12 @@ import pytest
 import tensorflow as tf
 
 from configs import digits
+from tests.helpers.checkpoints import variables as _variables
 from conftest import ROOT, run_module, run_modules
 from trainer import data as data_lib
 from trainer.callbacks import TrainerCallback, read_metrics
 from trainer.errors import ConfigError, TrainingDiverged
 from trainer.run import run
-
-
-def _variables(checkpoint_dir) -> dict[str, np.ndarray]:
-  reader = tf.train.load_checkpoint(str(checkpoint_dir))
-  return {name: reader.get_tensor(name)
-          for name in reader.get_variable_to_shape_map()
-          if "save_counter" not in name}
 
 
 def test_stream_resumed_at_any_step_continues_the_same_batches(mirrored):

@@ -289,46 +289,28 @@ def test_preempted_job_is_requeued_and_resumes(tmp_path, preempt):
         f"{time.monotonic() - start:.0f}s from submit to end")
 
 
-def _task_pid(job: str, rank: str) -> int | None:
-  """The pid of the job's worker task `rank` on this node, if it runs."""
-  for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-      with open(f"/proc/{pid}/environ", "rb") as f:
-        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0")
-                   if b"=" in kv)
-      with open(f"/proc/{pid}/cmdline", "rb") as f:
-        cmdline = f.read()
-    except OSError:
-      continue
-    if (b"launch.train" in cmdline and env.get(b"SLURM_JOB_ID") == job.encode()
-        and env.get(b"SLURM_PROCID") == rank.encode()):
-      return int(pid)
-  return None
-
-
 def test_a_killed_task_requeues_the_job_up_to_trainer_max_restarts(tmp_path):
-  """kill -9 of worker 1 (a lost task) with TRAINER_MAX_RESTARTS=1: the job
-  requeues itself, resumes from its checkpoint and completes; the restart
-  is in metrics.jsonl with the job id."""
+  """kill -9 of worker 1 (a lost task) at step 60 of the first run, with
+  TRAINER_MAX_RESTARTS=1: the job requeues itself, resumes from its
+  checkpoint at step 40 and completes; the restart is in metrics.jsonl with
+  the job id. The worker kills itself (recorder:KillAt), so the kill lands
+  mid-run every time (a kill from outside once came after the job ended)."""
   workdir, log = tmp_path / "run", tmp_path / "slurm.log"
   steps = 400
   env = _env(PYTHONPATH=os.path.join(ROOT, "tests", "helpers"),
-             THROTTLE_SECONDS="0.1", TRAINER_MAX_RESTARTS="1")
+             TRAINER_MAX_RESTARTS="1", KILL_AT_STEP="60", KILL_WORKER="1",
+             KILL_ONCE_FILE=str(tmp_path / "killed"))
   job = _submit(workdir, log, [
       f"--config.train.steps={steps}", "--config.train.steps_per_loop=20",
       "--config.train.checkpoint_every=40",
-      "--config.callbacks.custom=throttle:Throttle"], env=env)
+      "--config.callbacks.custom=recorder:KillAt"], env=env)
   try:
-    _wait("a checkpoint", lambda: sum(
-        "train/loss" in r for r in _metrics(workdir)) >= 3, 60, log)
-    pid = _task_pid(job, "1")
-    assert pid, _tail(log)
-    os.kill(pid, 9)
     text = _requeued_run_completes(job, log)
   finally:
     _cancel(job)
+  assert (tmp_path / "killed").exists(), _tail(log)
   assert re.search(r"train.sbatch: restart 1: a worker was killed by \w+; "
-                   r"resuming from step \d+", text), _tail(log)
+                   r"resuming from step 40", text), _tail(log)
   events = [r for r in _metrics(workdir) if r.get("event") == "restart"]
   assert len(events) == 1 and events[0]["job"] == job, events
   assert f"done: {steps} steps" in text and _metrics(workdir)[-1]["step"] == (

@@ -12,8 +12,8 @@ import textwrap
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from tests.helpers.checkpoints import variables as _variables
 from conftest import ROOT, run_module, run_modules
 from trainer.callbacks import read_metrics
 from trainer.config import default_config
@@ -28,13 +28,6 @@ EXAMPLES = {  # config -> (overrides, a train/ key its metrics log)
     # two models, two optimizers, alternating updates (test_custom_step.py)
     "gan": (["--config.train.steps=30"], "train/g_loss"),
 }
-
-
-def _variables(workdir) -> dict[str, np.ndarray]:
-  reader = tf.train.load_checkpoint(str(workdir / "checkpoints"))
-  return {name: reader.get_tensor(name)
-          for name in reader.get_variable_to_shape_map()
-          if "save_counter" not in name and "OBJECT_GRAPH" not in name}
 
 
 @pytest.mark.slow

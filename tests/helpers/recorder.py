@@ -15,8 +15,10 @@ from trainer.callbacks import TrainerCallback
 
 
 def _task_index() -> int:
-  return json.loads(os.environ.get("TF_CONFIG") or "{}").get(
-      "task", {}).get("index", 0)
+  """This worker's index: from TF_CONFIG, else SLURM's task rank."""
+  if os.environ.get("TF_CONFIG"):
+    return json.loads(os.environ["TF_CONFIG"]).get("task", {}).get("index", 0)
+  return int(os.environ.get("SLURM_PROCID", "0"))
 
 
 class EpochRecorder(TrainerCallback):
@@ -44,11 +46,23 @@ class EpochRecorder(TrainerCallback):
 
 class KillAt(TrainerCallback):
   """SIGKILLs its own process at the first host-loop end at or after global
-  step $KILL_AT_STEP: a crash at an arbitrary step, as a real kill."""
+  step $KILL_AT_STEP: a crash at an arbitrary step, as a real kill. With
+  $KILL_WORKER only that worker dies; with $KILL_ONCE_FILE only the first
+  time (the file records it), so a restarted job runs through."""
 
   def on_train_batch_end(self, batch, logs=None):
-    if self.global_step >= int(os.environ.get("KILL_AT_STEP", "-1")) >= 0:
-      os.kill(os.getpid(), 9)
+    if not self.global_step >= int(os.environ.get("KILL_AT_STEP", "-1")) >= 0:
+      return
+    if os.environ.get("KILL_WORKER", str(_task_index())) != str(
+        _task_index()):
+      return
+    once = os.environ.get("KILL_ONCE_FILE")
+    if once:
+      if os.path.exists(once):
+        return
+      with open(once, "w", encoding="utf-8"):
+        pass
+    os.kill(os.getpid(), 9)
 
 
 class HangAt(TrainerCallback):
