@@ -259,7 +259,10 @@ class Job:
                 f"{self.max_restarts}:", *reports, sep="\n  ",
                 file=sys.stderr, flush=True)
           return restarts_lib.shell_status(code)
-        return ExitStatus.FAILED
+        # Bad input (a bad record met mid-run) keeps its status: a job
+        # scheduler must not retry it either.
+        return (ExitStatus.BAD_INPUT if code == ExitStatus.BAD_INPUT
+                else ExitStatus.FAILED)
       restarts += 1
       reports.append(restarts_lib.record_restart(workdir, restarts, cause))
       print(reports[-1], file=sys.stderr, flush=True)

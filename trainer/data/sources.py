@@ -122,13 +122,20 @@ def _tfrecord(cfg: ml_collections.ConfigDict) -> Source:
   keys = {cfg.image_key: tf.io.FixedLenFeature([], tf.string),
           cfg.label_key: tf.io.FixedLenFeature([], tf.int64)}
   prepare = _prepare(size)
+  num_classes = int(cfg.num_classes)
 
   def make(pattern, key, channels):
     def decode(record):
       parsed = tf.io.parse_single_example(record, keys)
       image = tf.io.decode_image(parsed[cfg.image_key], channels=channels,
                                  expand_animations=False)
-      return prepare(image, parsed[cfg.label_key])
+      label = parsed[cfg.label_key]
+      in_range = tf.debugging.Assert(
+          (label >= 0) & (label < num_classes),
+          [f"label outside [0, {num_classes}) (data.num_classes) in {key} "
+           f"{pattern}:", label], summarize=1)
+      with tf.control_dependencies([in_range]):
+        return prepare(image, tf.identity(label))
     files = Files(paths=pattern, decode=decode)
     return files, _first_example(files, f"{key} {pattern!r}")
 

@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
+from trainer.data import bad_records
 from trainer.fit import inputs
 from trainer.distribute.agreement import WorkerAgreement
 from trainer.errors import ConfigError, UserError, untraced_message
@@ -226,6 +227,12 @@ class Trainer:
       out = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
     except UserError as e:  # a misused StepContext, found while tracing
       raise type(e)(untraced_message(e)) from None
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+      bad = bad_records.as_data_error(
+          e, f"training steps {first + 1}-{first + num_steps}")
+      if bad is None:
+        raise
+      raise bad from None
     out = tf.nest.map_structure(lambda t: t.numpy(), out)
     elapsed = time.perf_counter() - start
     self._beat(f"the callbacks after step {first + int(out['steps'])} "
@@ -267,7 +274,14 @@ class Trainer:
     data = inputs.as_input(x, y, sample_weight, batch_size=batch_size,
                            replicas=self.strategy.num_replicas_in_sync)
     self._beat("evaluation")
-    logs = self._evaluator(data)
+    try:
+      logs = self._evaluator(data)
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+      bad = bad_records.as_data_error(
+          e, f"the evaluation after step {int(self.global_step.numpy())}")
+      if bad is None:
+        raise
+      raise bad from None
     self._beat("the callbacks after an evaluation")
     return logs
 

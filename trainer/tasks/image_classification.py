@@ -10,6 +10,7 @@ import functools
 
 import keras
 import ml_collections
+from absl import logging
 
 from trainer import data as data_lib
 from trainer.tasks import models
@@ -27,8 +28,19 @@ class ImageClassification:
 
   @functools.cached_property
   def source(self) -> data_lib.Source:
-    """The dataset named by `data.name`, loaded once."""
-    return data_lib.load_source(self.config.data, self.config.seed)
+    """The dataset named by `data.name`, loaded once. An image folder's
+    classes are its class folders: their count becomes `data.num_classes`
+    (logged when it differs; config.json then records it)."""
+    source = data_lib.load_source(self.config.data, self.config.seed)
+    data = self.config.data
+    if data.name == "image_folder" and (
+        source.info.num_classes != data.num_classes):
+      logging.warning("data.num_classes=%d from the %d class folders of %s "
+                      "(the config said %d)", source.info.num_classes,
+                      source.info.num_classes, data.data_dir,
+                      data.num_classes)
+      data.num_classes = source.info.num_classes
+    return source
 
   def build_model(self) -> keras.Model:
     """[batch, H, W, C] float32 -> logits [batch, num_classes] float32."""
