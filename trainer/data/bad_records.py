@@ -10,7 +10,9 @@ gone from a network filesystem) may be transient and stay crashes, which a
 restart may fix.
 """
 
+import contextlib
 import re
+from typing import Callable
 
 import tensorflow as tf
 
@@ -40,6 +42,19 @@ def cause(error: BaseException) -> str | None:
                                                       "<stack traces"))]
   return (meaningful[0] if meaningful else lines[0] if lines else
           type(error).__name__)
+
+
+@contextlib.contextmanager
+def reported(where: Callable[[], str]):
+  """Turns a bad record met inside the block into `as_data_error`'s
+  DataError; `where()` says where (called only then)."""
+  try:
+    yield
+  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+    bad = as_data_error(e, where())
+    if bad is None:
+      raise
+    raise bad from None
 
 
 def as_data_error(error: BaseException, where: str) -> DataError | None:

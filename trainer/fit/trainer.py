@@ -224,15 +224,11 @@ class Trainer:
     self._beat(f"train steps {first}-{first + num_steps}")
     start = time.perf_counter()
     try:
-      out = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
+      with bad_records.reported(
+          lambda: f"training steps {first + 1}-{first + num_steps}"):
+        out = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
     except UserError as e:  # a misused StepContext, found while tracing
       raise type(e)(untraced_message(e)) from None
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
-      bad = bad_records.as_data_error(
-          e, f"training steps {first + 1}-{first + num_steps}")
-      if bad is None:
-        raise
-      raise bad from None
     out = tf.nest.map_structure(lambda t: t.numpy(), out)
     elapsed = time.perf_counter() - start
     self._beat(f"the callbacks after step {first + int(out['steps'])} "
@@ -274,14 +270,9 @@ class Trainer:
     data = inputs.as_input(x, y, sample_weight, batch_size=batch_size,
                            replicas=self.strategy.num_replicas_in_sync)
     self._beat("evaluation")
-    try:
+    with bad_records.reported(lambda: "the evaluation after step "
+                              f"{int(self.global_step.numpy())}"):
       logs = self._evaluator(data)
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
-      bad = bad_records.as_data_error(
-          e, f"the evaluation after step {int(self.global_step.numpy())}")
-      if bad is None:
-        raise
-      raise bad from None
     self._beat("the callbacks after an evaluation")
     return logs
 
