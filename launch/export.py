@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # pylint: disable=wrong-import-position
 from absl import app, flags, logging
 
+from launch import quiet
 from launch.status import ExitStatus
 
 _WORKDIR = flags.DEFINE_string(
@@ -82,4 +83,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  quiet.import_tensorflow(sys.argv)
+  quiet.hide_library_info(sys.argv)
   app.run(main, flags_parser=parse_flags)

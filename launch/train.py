@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import quiet
 from launch.status import ExitStatus
 
 # New keys are accepted here so that `--config.user.KEY=VALUE` can add one;
@@ -190,4 +191,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  quiet.import_tensorflow(sys.argv)  # before the config file imports it
+  quiet.hide_library_info(sys.argv)
   app.run(main, flags_parser=parse_flags)

@@ -37,6 +37,15 @@ def test_digits_mirrored_mixed_float16_reaches_95_percent(tmp_path):
   assert config["distribution"]["num_cpu_devices"] == 2
   assert (workdir / "checkpoints" / "ckpt-600.index").exists()
   assert "done: 600 steps" in proc.stdout
+  # A quiet console: our lines, not TensorFlow's start-up lines (C++, before
+  # absl), its INFO at every checkpoint and all-reduce, or tf.data's warning.
+  for noise in ("oneDNN custom operations", "cuda drivers", "cuInit",
+                "absl::InitializeLog",
+                "Sharding callback", "INFO:tensorflow", "then broadcast",
+                "UserWarning"):
+    assert noise not in proc.stderr, (noise, proc.stderr[:2000])
+  assert "strategy MirroredStrategy with 2 replica(s)" in (
+      proc.stderr.splitlines()[0])
 
 
 def test_same_command_on_a_finished_workdir_resumes_and_does_nothing(tmp_path):
