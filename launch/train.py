@@ -114,6 +114,15 @@ def _eval_summary(logs: dict) -> str:
                    for name in names)
 
 
+def _lost_peer(error: Exception) -> bool:
+  """Whether `error` is a collective that failed because another worker of
+  a multi-worker job died or stopped (TensorFlow's coordination service
+  and collective ops report it as UnavailableError, or AbortedError)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return isinstance(error, (tf.errors.UnavailableError,
+                            tf.errors.AbortedError))
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
@@ -123,7 +132,7 @@ def main(argv: list[str]) -> None:
     fail("--workdir is required (it may be omitted with --testing)")
   from trainer import run as run_lib  # pylint: disable=import-outside-toplevel
   from trainer.checkpoint.checkpointer import CheckpointWriteError  # pylint: disable=import-outside-toplevel
-  from trainer.errors import TrainingDiverged, UserError  # pylint: disable=import-outside-toplevel
+  from trainer.errors import TrainingDiverged, UserError, first_line  # pylint: disable=import-outside-toplevel
   config_path = flags.FLAGS["config"].config_filename
   try:
     result = run_lib.run(_CONFIG.value, _WORKDIR.value, testing=_TESTING.value,
@@ -148,6 +157,13 @@ def main(argv: list[str]) -> None:
           "same command resumes from the last checkpoint", file=sys.stderr)
     sys.exit(ExitStatus.INTERRUPTED)
   except Exception as e:  # pylint: disable=broad-except
+    if not _TESTING.value and _lost_peer(e):
+      # A worker that died or hung ended this one's collectives: the dead
+      # one's status says why; this one says so in a line, and the job is
+      # restartable (launch.local --max_restarts, train.sbatch).
+      print(f"error: another worker of the job was lost ({first_line(e)}); "
+            "this worker stops too", file=sys.stderr)
+      sys.exit(ExitStatus.FAILED)
     if not _TESTING.value:
       raise
     logging.exception("testing run failed")

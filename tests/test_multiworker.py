@@ -163,6 +163,10 @@ def test_a_frozen_worker_ends_the_job_within_a_minute_by_default(tmp_path):
       proc, tmp_path, lambda pids: os.kill(pids[1], signal.SIGSTOP))
   assert proc.returncode == 1, err[-3000:]
   assert "error: worker 0 exited with status" in err, err[-3000:]
+  # The survivor says so in one line (it was a ~125-line traceback).
+  assert "[worker 0] error: another worker of the job was lost" in err, (
+      err[-3000:])
+  assert "Traceback" not in err, err[-3000:]
   assert seconds < 60, seconds
   assert not left
 
