@@ -74,10 +74,10 @@ def test_one_set_of_exit_statuses_for_every_entry_point():
   each, pinned here."""
   from launch import restarts  # pylint: disable=import-outside-toplevel
   from launch.status import ExitStatus  # pylint: disable=import-outside-toplevel
-  from trainer import run  # pylint: disable=import-outside-toplevel
+  from trainer.distribute import stop_signals  # pylint: disable=import-outside-toplevel
   from trainer.distribute import watchdog  # pylint: disable=import-outside-toplevel
   assert watchdog.EXIT_STALLED == ExitStatus.STALLED
-  assert run.INTERRUPTED == ExitStatus.INTERRUPTED
+  assert stop_signals.INTERRUPTED == ExitStatus.INTERRUPTED
   sbatch = (TRAINER.parent / "launch" / "slurm" / "train.sbatch").read_text()
   assert f"EXIT_PREEMPTED={int(ExitStatus.PREEMPTED)} " in sbatch
   assert [s for s in range(256) if restarts.restartable(s)] == [1, 4]

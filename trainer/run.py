@@ -10,9 +10,6 @@ dataset lookup, model shapes) runs before the workdir is touched.
 import dataclasses
 import json
 import os
-import signal
-import sys
-import threading
 import time
 from typing import Sequence
 
@@ -32,6 +29,7 @@ from trainer.checkpoint.workdir import (check_resume_config,
                                         fix_pruning_schedule,
                                         read_saved_config)
 from trainer.distribute import strategy as strategy_lib
+from trainer.distribute.stop_signals import StopSignals
 from trainer.distribute.watchdog import Watchdog
 from trainer.errors import ConfigError, TrainingDiverged
 from trainer.fit.trainer import Trainer
@@ -318,7 +316,7 @@ def _train(built: _Built) -> RunResult:
     _write_config(config, workdir)
 
   start = time.perf_counter()
-  stops = _StopSignals(trainer)
+  stops = StopSignals(trainer.request_preemption)
   try:
     logs = _fit_with_recovery(trainer, config, built.train, built.eval_fn,
                               callbacks, checkpointer)
@@ -340,102 +338,6 @@ def _train(built: _Built) -> RunResult:
                    is_chief=chief, preempted=trainer.preempted,
                    checkpoint=checkpointer and checkpointer.latest_checkpoint(),
                    stop_signal=stops.received)
-
-
-INTERRUPTED = 130  # launch.status.ExitStatus.INTERRUPTED (128 + SIGINT)
-
-
-def _report_finished(built: _Built, checkpointer: Checkpointer) -> RunResult:
-  """A workdir already at `train.steps`: evaluates the restored model and
-  writes nothing (no checkpoint, metrics.jsonl line or config.json)."""
-  trainer, start = built.trainer, time.perf_counter()
-  steps = int(trainer.global_step.numpy())
-  logging.info("already at step %d (train.steps=%d): nothing to train; "
-               "evaluating the restored model", steps,
-               built.config.train.steps)
-  try:
-    logs = {f"eval/{k}": v
-            for k, v in trainer.evaluate(built.eval_fn).items()}
-  finally:
-    checkpointer.close()
-  trainer.barrier()
-  return RunResult(logs=logs, steps=steps,
-                   seconds=time.perf_counter() - start,
-                   device=trainer.strategy.extended.worker_devices[0],
-                   is_chief=trainer.is_chief, preempted=False,
-                   checkpoint=checkpointer.latest_checkpoint(),
-                   already_done=True)
-
-
-class _StopSignals:
-  """SIGTERM and SIGINT (Ctrl-C) stop the run at the next host-loop
-  boundary, where every worker saves (a preemption); a second Ctrl-C ends
-  the process at once with status 130, without saving.
-
-  Python runs a signal handler only between bytecodes of the main thread,
-  which spends a host loop inside one TensorFlow call, and two signals that
-  arrive during it run the handler once. So the signals are also counted as
-  they arrive: each one writes a byte to a wakeup fd that a thread reads.
-  Installed from the main thread only (signal handlers can be set nowhere
-  else); `restore()` puts back what was there.
-  """
-
-  def __init__(self, trainer: Trainer):
-    self.received = None  # the name of the first stop signal
-    self._trainer, self._previous, self._wakeup = trainer, {}, None
-    self._lock = threading.RLock()  # a handler may interrupt a handler
-    if threading.current_thread() is not threading.main_thread():
-      return
-    for signum in (signal.SIGTERM, signal.SIGINT):
-      self._previous[signum] = signal.getsignal(signum)
-      signal.signal(signum, self._handle)
-    read, write = os.pipe()
-    os.set_blocking(write, False)
-    self._wakeup = (read, write, signal.set_wakeup_fd(write))
-    threading.Thread(target=self._count, args=(read,), daemon=True,
-                     name="stop-signals").start()
-
-  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
-    self._first(signum)
-    self._trainer.request_preemption()
-
-  def _first(self, signum: int) -> None:
-    """Says once, as the first stop signal arrives, what happens now."""
-    with self._lock:
-      if self.received is not None:
-        return
-      self.received = signal.Signals(signum).name
-      logging.warning("%s: stopping at the next step boundary and saving a "
-                      "checkpoint%s", self.received,
-                      "; press Ctrl-C again to stop at once"
-                      if signum == signal.SIGINT else "")
-
-  def _count(self, read: int) -> None:
-    """Ends the process on the second SIGINT, whatever the main thread is
-    doing; the first of each is the handler's."""
-    interrupts = 0
-    while True:
-      got = os.read(read, 64)
-      if not got:  # restore() closed the write end
-        os.close(read)
-        return
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        if signum in got:
-          self._first(signum)
-      interrupts += got.count(signal.SIGINT)
-      if interrupts >= 2:
-        print("interrupted: stopped at once by a second Ctrl-C, not saved; "
-              "the same command resumes from the last checkpoint",
-              file=sys.stderr, flush=True)
-        os._exit(INTERRUPTED)  # pylint: disable=protected-access
-
-  def restore(self) -> None:
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-    if self._wakeup:
-      _, write, previous = self._wakeup
-      signal.set_wakeup_fd(previous)
-      os.close(write)  # the thread reads EOF, closes its end and ends
 
 
 def _fit_with_recovery(trainer: Trainer, config: ml_collections.ConfigDict,
@@ -481,3 +383,25 @@ def _fit_with_recovery(trainer: Trainer, config: ml_collections.ConfigDict,
           "skipping the %d batches that led there (input offset now %d)",
           e, recoveries, config.train.nan_recovery, restored,
           e.step - restored, int(checkpointer.input_offset.numpy()))
+
+
+def _report_finished(built: _Built, checkpointer: Checkpointer) -> RunResult:
+  """A workdir already at `train.steps`: evaluates the restored model and
+  writes nothing (no checkpoint, metrics.jsonl line or config.json)."""
+  trainer, start = built.trainer, time.perf_counter()
+  steps = int(trainer.global_step.numpy())
+  logging.info("already at step %d (train.steps=%d): nothing to train; "
+               "evaluating the restored model", steps,
+               built.config.train.steps)
+  try:
+    logs = {f"eval/{k}": v
+            for k, v in trainer.evaluate(built.eval_fn).items()}
+  finally:
+    checkpointer.close()
+  trainer.barrier()
+  return RunResult(logs=logs, steps=steps,
+                   seconds=time.perf_counter() - start,
+                   device=trainer.strategy.extended.worker_devices[0],
+                   is_chief=trainer.is_chief, preempted=False,
+                   checkpoint=checkpointer.latest_checkpoint(),
+                   already_done=True)

@@ -6,6 +6,8 @@ the step.
   agreement.py   WorkerAgreement: every worker takes the same decision
                  (stop, learning rate, preemption) after each hook
   watchdog.py    Watchdog: ends a worker stuck without host-loop progress
+  stop_signals.py  SIGTERM and Ctrl-C: a preemption; a second Ctrl-C stops
+                 at once
 
 May import: trainer.errors only.
 """
