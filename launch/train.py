@@ -21,6 +21,7 @@ intact and the same command resumes from it);
 
 import os
 import re
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -170,6 +171,9 @@ def main(argv: list[str]) -> None:
     print(f"testing: FAIL {config_path}: {type(e).__name__}: "
           f"{str(e).splitlines()[0] if str(e) else ''}")
     sys.exit(ExitStatus.FAILED)
+  # The run is over (saved, if it was to): a Ctrl-C now would only cut the
+  # report short.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   logs = result.logs
   if _TESTING.value:
     import math  # pylint: disable=import-outside-toplevel

@@ -140,6 +140,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
   deadline = time.monotonic() + 120
   while time.monotonic() < deadline and not checkpoint.exists():
     time.sleep(0.1)
+  time.sleep(1.0)  # into the next loop (~6 s), past the save of the last
   proc.send_signal(signal.SIGINT)
   time.sleep(0.5)
   proc.send_signal(signal.SIGINT)
