@@ -150,12 +150,16 @@ def _tfrecord(cfg: ml_collections.ConfigDict) -> Source:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
-def _image_files(root: str, split: str) -> tuple[list[str], list[str]]:
-  """The images of `root/split/<label>/`, sorted, and their label names."""
+def _image_files(root: str, split: str, key: str
+                 ) -> tuple[list[str], list[str]]:
+  """The images of `root/split/<label>/`, sorted, and their label names;
+  `key` is the config key that names `split`."""
   folder = os.path.join(root, split)
   if not os.path.isdir(folder):
-    raise DataError(f"data.name=image_folder: no folder {folder!r}; the "
-                    "layout is <data.data_dir>/<split>/<label>/<image>")
+    raise DataError(f"data.name=image_folder: no folder {folder!r} "
+                    f"({key}={split!r}); the layout is "
+                    "<data.data_dir>/<split>/<label>/<image>: set "
+                    f"--config.{key} to the split's folder name")
   paths, labels = [], []
   for label in sorted(e.name for e in os.scandir(folder) if e.is_dir()):
     for entry in sorted(os.scandir(os.path.join(folder, label)),
@@ -175,8 +179,10 @@ def _image_folder(cfg: ml_collections.ConfigDict) -> Source:
   if not cfg.data_dir:
     raise DataError("data.name=image_folder reads data.data_dir; set it to "
                     "the folder holding <split>/<label>/<image>")
-  train_paths, train_labels = _image_files(cfg.data_dir, cfg.train_split)
-  eval_paths, eval_labels = _image_files(cfg.data_dir, cfg.eval_split)
+  train_paths, train_labels = _image_files(cfg.data_dir, cfg.train_split,
+                                           "data.train_split")
+  eval_paths, eval_labels = _image_files(cfg.data_dir, cfg.eval_split,
+                                         "data.eval_split")
   classes = sorted(set(train_labels))
   unknown = sorted(set(eval_labels) - set(classes))
   if unknown:
