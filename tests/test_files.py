@@ -144,7 +144,7 @@ def test_tfds_on_disk_is_read_as_files_with_its_counts(tmp_path):
 @pytest.mark.parametrize("data, message", [
     (dict(name="image_folder", image_size=4), "set it to the folder"),
     (dict(name="image_folder", data_dir="/nonexistent", image_size=4),
-     "no folder '/nonexistent/train'.*set --config.data.train_split"),
+     "no folder '/nonexistent/train' .data.train_split='train'."),
     (dict(name="image_folder", data_dir="ROOT"), "set --config.data.image_size"),
     (dict(name="tfrecord", image_size=4), "set both"),
     (dict(name="tfrecord", train_files="/nonexistent/*.tfrecord",
