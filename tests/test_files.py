@@ -281,7 +281,7 @@ def test_a_label_outside_num_classes_is_one_data_error(tmp_path):
 def test_image_folder_classes_come_from_its_folders(tmp_path, caplog):
   """3 class folders with data.num_classes=2 (it trained a 2-class model
   that could not be right, and config.json said 2): 3 classes, logged, in
-  config.json."""
+  config.json with their names in label order."""
   root = image_files.write_image_folder(str(tmp_path / "images"),
                                         per_class=4,
                                         classes=("ant", "bee", "cat"))
@@ -291,3 +291,5 @@ def test_image_folder_classes_come_from_its_folders(tmp_path, caplog):
   assert "data.num_classes=3 from the 3 class folders" in caplog.text
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["data"]["num_classes"] == 3
+  # what output i means, for the export's report and the user
+  assert saved["data"]["class_names"] == ["ant", "bee", "cat"]

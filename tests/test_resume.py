@@ -123,6 +123,7 @@ def test_sigterm_saves_within_one_loop_and_the_rerun_continues(stop,
   assert read_metrics(tmp_path)[-1]["step"] == step + 40
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
   """Host loops of 10,000 steps (seconds each, one TensorFlow call): both
   Ctrl-Cs land inside one, and the second stops the run there, status 130,

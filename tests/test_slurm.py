@@ -23,8 +23,6 @@ from trainer.errors import ConfigError
 
 pytestmark = [
     pytest.mark.slow,
-    # One job at a time: the local cluster has 2 CPUs, a 2-task job takes both.
-    pytest.mark.xdist_group("slurm"),
     pytest.mark.skipif(shutil.which("sbatch") is None,
                        reason="sbatch is not on PATH: no SLURM cluster "
                        "(bash launch/slurm/local_cluster.sh starts one)"),

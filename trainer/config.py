@@ -46,10 +46,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.eval_files = ""
   c.data.image_key = "image/encoded"
   c.data.label_key = "image/class/label"
-  # synthetic only: per-example input shape, classes and examples held in memory.
+  # synthetic only: per-example input shape and examples held in memory.
   c.data.synthetic_shape = (8, 8, 1)
-  c.data.num_classes = 10
   c.data.synthetic_examples = 4096
+  # Classes (synthetic, tfrecord); image_folder sets both from its class
+  # folders (sorted: output i is class_names[i]), TFDS the count from its info.
+  c.data.num_classes = 10
+  c.data.class_names = ()
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "mlp"  # see trainer.tasks.models.MODELS

@@ -23,7 +23,7 @@ RUN_DEFINING_KEYS = ("seed", "task", "user", "model", "pruning", "data.name",
                      "data.global_batch_size",
                      "data.image_size", "data.train_split",
                      "data.synthetic_shape", "data.synthetic_examples",
-                     "data.num_classes")
+                     "data.num_classes", "data.class_names")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -37,6 +37,7 @@ class DataInfo:
   num_classes: int
   num_train: int | None  # None when the source does not say (mock data)
   num_eval: int | None
+  class_names: tuple = ()  # label i's name, where the source has names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +208,8 @@ def _image_folder(cfg: ml_collections.ConfigDict) -> Source:
   train, _ = make(train_paths, channels)
   evals, _ = make(eval_paths, channels)
   return Source(train, evals, DataInfo((size, size, channels), len(classes),
-                                       len(train_paths), len(eval_paths)))
+                                       len(train_paths), len(eval_paths),
+                                       tuple(classes)))
 
 
 def _tfds_files(builder, split: str, decode) -> Files | None:

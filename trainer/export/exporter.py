@@ -260,6 +260,8 @@ def _export_into(directory: str, model: keras.Model, run: Restored,
       "float32_metrics": float32["metrics"],
       "compared_with": "the float32 Keras model restored from the checkpoint"
                        " (max |difference| over the eval set)"}
+  if run.config.data.get("class_names"):  # output i is class_names[i]
+    report["class_names"] = list(run.config.data.class_names)
   if train:
     report["representative_examples"] = min(
         representative_batches * REPRESENTATIVE_BATCH_SIZE,

@@ -30,7 +30,8 @@ class ImageClassification:
   def source(self) -> data_lib.Source:
     """The dataset named by `data.name`, loaded once. An image folder's
     classes are its class folders: their count becomes `data.num_classes`
-    (logged when it differs; config.json then records it)."""
+    (logged when it differs) and their names `data.class_names`, so
+    config.json (and the export's report) say what output i means."""
     source = data_lib.load_source(self.config.data, self.config.seed)
     data = self.config.data
     if data.name == "image_folder" and (
@@ -40,6 +41,8 @@ class ImageClassification:
                       source.info.num_classes, data.data_dir,
                       data.num_classes)
       data.num_classes = source.info.num_classes
+    if data.name == "image_folder":
+      data.class_names = tuple(source.info.class_names)
     return source
 
   def build_model(self) -> keras.Model:
