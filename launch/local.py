@@ -10,7 +10,8 @@ Everything after `--` goes to `python -m launch.train` (or `--module`), with
 through it (`--config.data.service=localhost:PORT` appended); it stops
 when they end. Each worker's output lines are prefixed `[worker i]`.
 SIGINT and SIGTERM are forwarded to every worker. If a worker fails, the
-others are stopped and the launcher exits with status 1, naming the worker;
+others are stopped and the launcher exits with status 1, naming the worker
+(2 when the worker's input was bad: never restarted);
 with `--max_restarts=N` a worker that was killed, crashed (1) or was ended
 by its watchdog (4) instead restarts the whole job (fresh ports, resuming
 from the latest checkpoint, one `restart k: ...` line and a metrics.jsonl
