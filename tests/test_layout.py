@@ -17,7 +17,7 @@ ORDER = [
     ["task", "tasks", "callbacks"],
     ["optimize"],
     ["config", "distribute", "data"],
-    ["layers", "errors"],
+    ["layers", "errors", "compat"],
 ]
 RANK = {name: len(ORDER) - i for i, row in enumerate(ORDER) for name in row}
 
@@ -82,3 +82,16 @@ def test_one_set_of_exit_statuses_for_every_entry_point():
   assert f"EXIT_PREEMPTED={int(ExitStatus.PREEMPTED)} " in sbatch
   assert [s for s in range(256) if restarts.restartable(s)] == [1, 4]
   assert restarts.restartable(-9)  # killed by a signal
+
+
+def test_private_tensorflow_and_keras_names_only_in_compat():
+  """Every private access of trainer/ (`protected-access`, an import from
+  `tensorflow.python` or `keras.src`) is in compat.py (os._exit aside: the
+  standard library's)."""
+  found = [f"{p.relative_to(TRAINER)}:{i}" for p in MODULES
+           if p.name != "compat.py"
+           for i, line in enumerate(p.read_text().splitlines(), 1)
+           if ("protected-access" in line and "os._exit" not in line) or
+           "tensorflow.python" in line or "keras.src" in line]
+  assert not found, found
+

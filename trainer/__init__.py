@@ -29,6 +29,7 @@ those below it; tests/test_layout.py pins it):
   data/         the data path: in memory, files, a task's pipeline, service
   layers/       custom layers that survive mixed precision and save/load
   errors.py     the errors a user sees as one line
+  compat.py     every private TensorFlow / Keras access, with why
 """
 
 from trainer import layers

@@ -16,10 +16,10 @@ from typing import Sequence
 import keras
 import ml_collections
 import tensorflow as tf
-from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 from absl import logging
 
 from trainer import callbacks as callbacks_lib
+from trainer import compat
 from trainer import config as config_lib
 from trainer import data as data_lib
 from trainer import task as task_lib
@@ -112,14 +112,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *,
   """
   # train.deterministic turns on TensorFlow's process-wide op determinism
   # for this run only: a later run in the same process gets its own setting.
-  deterministic_before = tf_config.is_op_determinism_enabled()
+  deterministic_before = compat.op_determinism_enabled()
   try:
     return _run(config, workdir, testing=testing,
                 allow_config_change=allow_config_change, callbacks=callbacks,
                 task=task)
   finally:
     if not deterministic_before:
-      tf_config.disable_op_determinism()
+      compat.disable_op_determinism()
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str | None, *,

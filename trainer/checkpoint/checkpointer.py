@@ -23,8 +23,8 @@ import tempfile
 
 import tensorflow as tf
 from absl import logging
-from keras.src.backend.tensorflow import core as keras_tf_core
 
+from trainer import compat
 from trainer.callbacks.base import TrainerCallback
 from trainer.errors import ConfigError, DataError, first_line, message_line
 from trainer.checkpoint.model_state import model_paths, model_state
@@ -38,7 +38,7 @@ def _copy_keras_variable_to_cpu(self, object_map):
   from the second save on ("tf.function only supports singleton
   tf.Variables"); the host copy must be created once and then assigned.
   """
-  self.value._copy_trackable_to_cpu(object_map)  # pylint: disable=protected-access
+  compat.copy_trackable_to_cpu(self.value, object_map)
   if self in object_map:
     object_map[self].assign(object_map[self.value])
   else:
@@ -50,7 +50,7 @@ def enable_keras_async_checkpoints() -> None:
 
   tests/test_resume.py pins it: async checkpoints equal synchronous ones.
   """
-  keras_tf_core.Variable._copy_trackable_to_cpu = _copy_keras_variable_to_cpu  # pylint: disable=protected-access
+  compat.patch_keras_async_copy(_copy_keras_variable_to_cpu)
 
 
 class CheckpointWriteError(RuntimeError):
@@ -293,10 +293,8 @@ class Checkpointer:
       raise self._write_failed(self._in_flight, e) from None
     # The writer thread keeps its error for the next save (or re-raises it
     # at interpreter exit, as a traceback after `done:`): take it now.
-    helper = getattr(self.checkpoint, "_async_checkpointer_impl", None)
-    error = getattr(helper, "_async_error", None)
+    error = compat.take_async_save_error(self.checkpoint)
     if error is not None:
-      helper._async_error = None  # pylint: disable=protected-access
       raise self._write_failed(self._in_flight, error) from None
     in_flight, self._in_flight = self._in_flight, None
     if in_flight:

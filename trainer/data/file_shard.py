@@ -14,7 +14,8 @@ runs the pipeline's maps on every example (today's cost), which it logs.
 
 import tensorflow as tf
 from absl import logging
-from tensorflow.python.data.experimental.ops import distribute as tf_distribute  # pylint: disable=g-direct-tensorflow-import
+
+from trainer import compat
 
 FILE = tf.data.experimental.AutoShardPolicy.FILE
 
@@ -23,8 +24,8 @@ def _file_share(examples: tf.data.Dataset, num_shards: int,
                 index: int) -> tf.data.Dataset:
   options = tf.data.Options()
   options.experimental_distribute.auto_shard_policy = FILE
-  return tf_distribute._AutoShardDataset(  # pylint: disable=protected-access
-      examples.with_options(options), num_shards, index, num_shards)
+  return compat.shard_by_file(examples.with_options(options), num_shards,
+                              index)
 
 
 def every_share_has_files(examples: tf.data.Dataset, num_shards: int) -> bool:

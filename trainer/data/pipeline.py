@@ -12,6 +12,7 @@ from typing import Callable
 import tensorflow as tf
 from absl import logging
 
+from trainer import compat
 from trainer.data import file_shard
 from trainer.errors import DataError
 
@@ -36,7 +37,7 @@ def _batching(dataset: tf.data.Dataset) -> str | None:
     if name in _PADDED:
       return _PADDED[name]
     found = found or _BATCHES.get(name)
-    todo.extend(node._inputs())  # pylint: disable=protected-access
+    todo.extend(compat.dataset_inputs(node))
   return found
 
 

@@ -31,6 +31,7 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.core.framework import graph_pb2
 
+from trainer import compat
 from trainer.data.files import INTERLEAVE_CYCLE, Files
 from trainer.errors import ConfigError, DataError
 
@@ -76,7 +77,7 @@ def job_name(run_id: str, start_step: int) -> str:
 
 def _graph(ds: tf.data.Dataset) -> graph_pb2.GraphDef:
   graph = graph_pb2.GraphDef()
-  graph.ParseFromString(ds._as_serialized_graph().numpy())  # pylint: disable=protected-access
+  graph.ParseFromString(compat.serialized_graph(ds))
   return graph
 
 

@@ -17,10 +17,7 @@ import re
 
 import tensorflow as tf
 from absl import logging
-# The resolver is public; its hostlist parsers are only in its module.
-from tensorflow.python.distribute.cluster_resolver import (
-    slurm_cluster_resolver as tf_slurm)
-
+from trainer import compat
 from trainer.errors import ConfigError
 
 
@@ -121,7 +118,7 @@ def _gpu_count(name: str) -> int | None:
   return int(match.group(1))
 
 
-class SlurmResolver(tf_slurm.SlurmClusterResolver):
+class SlurmResolver(compat.SlurmClusterResolver):
   """A SLURM job step as `worker` tasks, one per SLURM task; rank 0 is chief.
 
   Two differences from the stock resolver, which otherwise does the work:
@@ -169,11 +166,11 @@ def _slurm_resolver() -> SlurmResolver:
   try:
     rank = int(env["SLURM_PROCID"])
     num_tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
-    hosts = tf_slurm.expand_hostlist(env.get("SLURM_STEP_NODELIST") or
+    hosts = compat.expand_hostlist(env.get("SLURM_STEP_NODELIST") or
                                      env["SLURM_JOB_NODELIST"])
     per_node = (env.get("SLURM_STEP_TASKS_PER_NODE") or
                 env.get("SLURM_TASKS_PER_NODE"))
-    tasks_per_host = (tf_slurm.expand_tasks_per_node(per_node) if per_node else
+    tasks_per_host = (compat.expand_tasks_per_node(per_node) if per_node else
                       [num_tasks // len(hosts)] * len(hosts))
     local_rank = int(env.get("SLURM_LOCALID", "0"))
   except (KeyError, ValueError, ZeroDivisionError) as e:

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import compat
 from trainer import layers
 from trainer.errors import first_line
 from trainer.export.signature import Signature
@@ -48,7 +49,7 @@ def check_saveable(model: keras.Model) -> None:
   the class, and a `get_config()` that returns its constructor arguments.
   """
   unknown = []
-  for layer in [model, *model._flatten_layers(include_self=False)]:  # pylint: disable=protected-access
+  for layer in [model, *compat.all_layers(model)]:
     cls = type(layer)
     if cls.__module__.split(".")[0] == "keras":
       continue

@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
-from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
+from trainer import compat
 from trainer.data import bad_records
 from trainer.fit import inputs
 from trainer.distribute.agreement import WorkerAgreement
@@ -175,7 +175,7 @@ class Trainer:
       sums, last = zeros["sum"], zeros["last"]
       # Seconds blocked on the input; tf.timestamp is refused under op
       # determinism, so deterministic runs do not measure it.
-      timed = not tf_config.is_op_determinism_enabled()  # no public API
+      timed = not compat.op_determinism_enabled()
       waited = tf.constant(0.0, tf.float64)
       for i in tf.range(num_steps):
         if timed:

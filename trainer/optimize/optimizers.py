@@ -17,6 +17,7 @@ import keras
 import ml_collections
 import tensorflow as tf
 
+from trainer import compat
 from trainer.optimize import precision
 from trainer.errors import ConfigError
 
@@ -46,11 +47,10 @@ def set_learning_rate(optimizer: keras.optimizers.Optimizer,
 def disable_gradient_aggregation(
     optimizer: keras.optimizers.Optimizer) -> None:
   """Makes `optimizer.apply` use the gradients as given (already reduced)."""
-  if not hasattr(optimizer, "_all_reduce_sum_gradients"):
+  if not compat.set_gradient_aggregation(optimizer, _no_aggregation):
     raise RuntimeError(
         "this Keras version has no _all_reduce_sum_gradients hook; the train "
         "step cannot stop Keras from all-reducing gradients a second time")
-  optimizer._all_reduce_sum_gradients = _no_aggregation  # pylint: disable=protected-access
   if is_loss_scaled(optimizer):
     disable_gradient_aggregation(inner_optimizer(optimizer))
 
@@ -79,15 +79,17 @@ class FusedUpdate:
     self.adam = isinstance(optimizer, keras.optimizers.Adam)
 
   def _slot(self, slots, variable) -> tf.Variable:
-    return _local(slots[self.optimizer._get_variable_index(variable)])  # pylint: disable=protected-access
+    return _local(slots[compat.optimizer_variable_index(self.optimizer,
+                                                         variable)])
 
   def _update(self, variable, grad, lr, powers):
     opt, dtype = self.optimizer, variable.dtype
     grad, var = tf.cast(grad, dtype), _local(variable)
     if self.adam:
+      momentums, velocities = compat.adam_slots(opt)
       tf.raw_ops.ResourceApplyAdam(
-          var=var.handle, m=self._slot(opt._momentums, variable).handle,  # pylint: disable=protected-access
-          v=self._slot(opt._velocities, variable).handle,  # pylint: disable=protected-access
+          var=var.handle, m=self._slot(momentums, variable).handle,
+          v=self._slot(velocities, variable).handle,
           beta1_power=powers[0], beta2_power=powers[1], lr=lr,
           beta1=tf.cast(opt.beta_1, dtype), beta2=tf.cast(opt.beta_2, dtype),
           epsilon=tf.cast(opt.epsilon, dtype), grad=grad)

@@ -19,6 +19,7 @@ import keras
 import ml_collections
 import tensorflow as tf
 
+from trainer import compat
 from trainer.errors import ConfigError
 
 
@@ -86,7 +87,7 @@ def prunable_kernels(model: keras.Model, exclude: str = "") -> list:
   """The `kernel` variables of the model's layers (Dense, Conv and custom
   layers with a `kernel`), except in layers whose name matches `exclude`."""
   kernels = []
-  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+  for layer in compat.all_layers(model):
     kernel = getattr(layer, "kernel", None)
     if isinstance(kernel, keras.Variable) and kernel.trainable and not (
         exclude and re.search(exclude, layer.name)):

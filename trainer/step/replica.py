@@ -8,6 +8,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+from trainer import compat
 from trainer.errors import ConfigError, message_line
 from trainer.step.loss import ComputeLoss
 
@@ -56,7 +57,7 @@ def replica_statistics(model) -> list:
   batch norm (already global) and other non-trainable state (an RNN's
   per-replica state, a user's buffers) stay as they are."""
   stats = []
-  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+  for layer in compat.all_layers(model):
     if (isinstance(layer, keras.layers.BatchNormalization) and
         layer.trainable and not getattr(layer, "synchronized", False)):
       stats += [getattr(layer, name) for name in BATCH_NORM_STATISTICS
@@ -67,7 +68,7 @@ def replica_statistics(model) -> list:
 def has_synchronized_bn(model) -> bool:
   return any(isinstance(layer, keras.layers.BatchNormalization) and
              getattr(layer, "synchronized", False)
-             for layer in model._flatten_layers(include_self=False))  # pylint: disable=protected-access
+             for layer in compat.all_layers(model))
 
 
 
