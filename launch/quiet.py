@@ -54,13 +54,20 @@ def import_tensorflow(argv: list[str]) -> None:
 
 class _LibraryInfo(std_logging.Filter):
   """Drops INFO (and DEBUG) records logged by TensorFlow's or Keras' own
-  modules."""
+  modules (those under their installed package folders; a user's folder
+  named `keras/` is not theirs)."""
+
+  def __init__(self):
+    super().__init__()
+    import keras  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    self._folders = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                          for m in (tf, keras))
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.levelno >= std_logging.WARNING:
       return True
-    path = record.pathname.replace(os.sep, "/")
-    return "/tensorflow/" not in path and "/keras/" not in path
+    return not os.path.abspath(record.pathname).startswith(self._folders)
 
 
 def hide_library_info(argv: list[str]) -> None:
