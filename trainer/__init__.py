@@ -8,8 +8,8 @@ Public API:
   build_strategy, configure_cpu_devices   trainer.distribute.strategy
   set_policy                              trainer.optimize.precision
   layers (DenseLayer, ParametricSwish...) trainer.layers
-  input_fn, load_source, Files            trainer.data (one module per data
-                                          path)
+  data (input_fn, load_source, Files,     trainer.data (one module per data
+    load_digits)                          path)
   UserError, ConfigError, DataError       trainer.errors
 
 Packages, from the top of the import order down (a package imports only
@@ -44,6 +44,7 @@ _PUBLIC = {
     "configure_cpu_devices": "trainer.distribute.strategy",
     "Trainer": "trainer.fit.trainer", "set_policy": "trainer.optimize.precision",
     "load_task": "trainer.task", "layers": "trainer.layers",
+    "data": "trainer.data",
 }
 
 __all__ = sorted(_PUBLIC)
