@@ -1,4 +1,4 @@
-"""The offline default: scikit-learn's 8x8 digits, a small MLP, 2 CPU cores.
+"""The offline default: the 8x8 digits (trainer/data/digits.csv.gz), a small MLP, 2 CPU cores.
 
   python -m launch.train --config=configs/digits.py --workdir=runs/digits
 Reaches >= 95% eval accuracy in a few seconds on CPU.

@@ -8,14 +8,19 @@ launchers import it with stderr muted and look for devices once (which
 does not fix the devices: logical CPU devices can still be set), then hide
 the INFO lines of TensorFlow's and Keras' own Python modules (`Sharding
 callback duration` at every checkpoint, `Reduce to ... then broadcast`
-under MirroredStrategy). Warnings and errors always show.
+under MirroredStrategy). Warnings and errors always show. A launcher checks
+its flags and config before it imports TensorFlow (a typo is an error line
+in a fraction of a second), with the same lines hidden should the config
+file import it.
 
 `--verbosity=1` (or `-v 1`, absl's own flag) shows everything.
 """
 
+import contextlib
 import logging as std_logging
 import os
 import sys
+import tempfile
 import warnings
 
 
@@ -33,23 +38,50 @@ def verbose(argv: list[str]) -> bool:
   return False
 
 
-def import_tensorflow(argv: list[str]) -> None:
-  """Imports TensorFlow and lists the devices, with file descriptor 2
-  pointed at /dev/null unless `verbose(argv)`. A Python error raised by the
-  import still shows (it is raised after stderr is back)."""
+# TensorFlow's start-up lines (from C++, before absl logging is set up).
+STARTUP_LINES = (
+    "All log messages before absl::InitializeLog()",
+    "oneDNN custom operations are on", "Could not find cuda drivers",
+    "failed call to cuInit", "This TensorFlow binary is optimized",
+    "To enable the following instructions", "Unable to register cu",
+    "computation placer already registered", "TF-TRT Warning")
+
+
+@contextlib.contextmanager
+def startup_lines_hidden(argv: list[str]):
+  """While the block runs (it may import TensorFlow: a config file that
+  imports it), file descriptor 2 goes to a scratch file; after it, every
+  line but TensorFlow's start-up lines is written to stderr. If TensorFlow
+  was imported, its devices are listed inside (where `failed call to
+  cuInit` is printed). Does nothing if `verbose(argv)` or TensorFlow is
+  already imported."""
   if verbose(argv) or "tensorflow" in sys.modules:
+    yield
     return
   sys.stderr.flush()
   saved = os.dup(2)
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  try:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    tf.config.list_physical_devices()
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
+  with tempfile.TemporaryFile() as scratch:
+    os.dup2(scratch.fileno(), 2)
+    try:
+      yield
+      if "tensorflow" in sys.modules:  # its device lines come with the
+        sys.modules["tensorflow"].config.list_physical_devices()  # first use
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      scratch.seek(0)
+      lines = scratch.read().decode(errors="replace").splitlines(True)
+      sys.stderr.write("".join(l for l in lines
+                               if not any(p in l for p in STARTUP_LINES)))
+      sys.stderr.flush()
+
+
+def import_tensorflow(argv: list[str]) -> None:
+  """Imports TensorFlow (and lists the devices) with its start-up lines
+  hidden (`startup_lines_hidden`)."""
+  with startup_lines_hidden(argv):
+    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
 
 
 class _LibraryInfo(std_logging.Filter):

@@ -96,7 +96,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f"config file {path!r} does not exist; pass a file such as "
          "--config=configs/digits.py")
   try:
-    return flags.FLAGS(argv)
+    with quiet.startup_lines_hidden(argv):  # the config file may import TF
+      return flags.FLAGS(argv)
   except flags.Error as e:
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
   except (AttributeError, KeyError) as e:  # --config.A.B whose A is not in it
@@ -109,6 +110,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _eval_summary(logs: dict) -> str:
   """`eval <metric> V, ..., eval loss V`: the task's metrics first."""
+  if not any(k.startswith("eval/") for k in logs):
+    return "no evaluation (the task has no eval_data)"
   names = [k[5:] for k in logs if k.startswith("eval/") and
            k not in ("eval/loss", "eval/num_examples")] + ["loss"]
   return ", ".join(f"eval {name} {logs.get('eval/' + name, float('nan')):.4f}"
@@ -131,6 +134,14 @@ def main(argv: list[str]) -> None:
     fail("--config is required, e.g. --config=configs/digits.py")
   if not _WORKDIR.value and not _TESTING.value:
     fail("--workdir is required (it may be omitted with --testing)")
+  from trainer import config as config_lib  # pylint: disable=import-outside-toplevel
+  from trainer.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  try:  # what needs no TensorFlow: an error line without the 5 s import
+    config_lib.validate(_CONFIG.value)
+  except ConfigError as e:
+    fail(str(e))
+  quiet.import_tensorflow(sys.argv)
+  quiet.hide_library_info(sys.argv)
   from trainer import run as run_lib  # pylint: disable=import-outside-toplevel
   from trainer.checkpoint.checkpointer import CheckpointWriteError  # pylint: disable=import-outside-toplevel
   from trainer.errors import TrainingDiverged, UserError, first_line  # pylint: disable=import-outside-toplevel
@@ -177,13 +188,16 @@ def main(argv: list[str]) -> None:
   logs = result.logs
   if _TESTING.value:
     import math  # pylint: disable=import-outside-toplevel
-    ok = math.isfinite(logs.get("loss", float("nan"))) and math.isfinite(
-        logs.get("eval/loss", float("nan"))) and result.steps > 0
+    ok = math.isfinite(logs.get("loss", float("nan"))) and (
+        math.isfinite(logs.get("eval/loss", float("nan")))
+        or not result.evaluates) and result.steps > 0
     verdict = "PASS" if ok else "FAIL"
+    evaluated = (f"{_eval_summary(logs)} on "
+                 f"{logs.get('eval/num_examples', 0)} examples"
+                 if result.evaluates else _eval_summary({}))
     print(f"testing: {verdict} {config_path}: {result.steps} steps on "
           f"{result.device} in {result.seconds:.1f}s, loss "
-          f"{logs.get('loss', float('nan')):.4f}, {_eval_summary(logs)} on "
-          f"{logs.get('eval/num_examples', 0)} examples")
+          f"{logs.get('loss', float('nan')):.4f}, {evaluated}")
     sys.exit(ExitStatus.DONE if ok else ExitStatus.FAILED)
   if result.preempted:
     cause = result.stop_signal or "another worker's signal"
@@ -211,6 +225,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  quiet.import_tensorflow(sys.argv)  # before the config file imports it
-  quiet.hide_library_info(sys.argv)
   app.run(main, flags_parser=parse_flags)

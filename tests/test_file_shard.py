@@ -69,7 +69,9 @@ def _decoded(count_dir):
 def test_two_workers_decode_about_what_one_process_does(tmp_path):
   """A task's own pipeline (split by FILE auto-shard), the same task giving
   trainer.data.Files, and the built-in task on a TFDS dataset on disk: 2
-  workers decode about what one process does, each about half."""
+  workers decode together what one process may (the examples trained plus
+  a bounded read-ahead), each well under the whole; before the change each
+  decoded as much as one process (2.08x in all)."""
   tfds_dir = tmp_path / "tfds"
   name = image_files.write_tfds(str(tfds_dir), num_train=1024, num_test=64)
   tfds_args = lambda workdir, counts: [
@@ -83,10 +85,8 @@ def test_two_workers_decode_about_what_one_process_does(tmp_path):
       "--config.callbacks.progress_bar=False"]
   jobs, dirs = {}, {}
   for name_, kind, num_files, workers in (
-      ("one", "pipeline", 8, 1), ("two", "pipeline", 8, 2),
-      ("two_one_file", "pipeline", 1, 2), ("files_one", "files", 8, 1),
-      ("files_two", "files", 8, 2), ("tfds_one", "tfds", 0, 1),
-      ("tfds_two", "tfds", 0, 2)):
+      ("two", "pipeline", 8, 2), ("two_one_file", "pipeline", 1, 2),
+      ("files_two", "files", 8, 2), ("tfds_two", "tfds", 0, 2)):
     data = tmp_path / f"data_{name_}"
     counts = tmp_path / f"counts_{name_}"
     data.mkdir(), counts.mkdir()
@@ -106,17 +106,15 @@ def test_two_workers_decode_about_what_one_process_does(tmp_path):
   for name_, result in results.items():
     assert result.returncode == 0, (name_, result.stderr[-3000:])
   trained = STEPS * BATCH
-  for one_name, two_name in (("one", "two"), ("files_one", "files_two"),
-                             ("tfds_one", "tfds_two")):
-    one, two = _decoded(dirs[one_name]), _decoded(dirs[two_name])
-    assert len(one) == 1 and len(two) == 2, (one_name, one, two)
-    assert trained <= one[0] < trained + 4 * BUFFER + 8 * BATCH, (one_name,
-                                                                  one)
+  for two_name in ("two", "files_two", "tfds_two"):
+    two = _decoded(dirs[two_name])
+    assert len(two) == 2, (two_name, two)
     # Each worker trains on half and decodes about half (plus what runs
-    # ahead); before: each decoded as much as one process (2x in all).
-    assert sum(two) <= 1.3 * one[0], (two_name, two, one)
+    # ahead: shuffle buffers, prefetched batches).
+    assert trained <= sum(two) < trained + 4 * BUFFER + 8 * BATCH, (
+        two_name, two)
     for count in two:
-      assert count < 0.7 * one[0], (two_name, two, one)
+      assert count < 0.75 * trained, (two_name, two)
   # One file for 2 workers: each keeps every 2nd record (all decoded).
   assert "cannot be split by file" in results["two_one_file"].stderr
   assert len(_decoded(dirs["two_one_file"])) == 2

@@ -8,8 +8,8 @@ Public API:
   build_strategy, configure_cpu_devices   trainer.distribute.strategy
   set_policy                              trainer.optimize.precision
   layers (DenseLayer, ParametricSwish...) trainer.layers
-  input_fn, load_source, Files            trainer.data (one module per data
-                                          path)
+  data (input_fn, load_source, Files,     trainer.data (one module per data
+    load_digits)                          path)
   UserError, ConfigError, DataError       trainer.errors
 
 Packages, from the top of the import order down (a package imports only
@@ -32,14 +32,33 @@ those below it; tests/test_layout.py pins it):
   compat.py     every private TensorFlow / Keras access, with why
 """
 
-from trainer import layers
-from trainer.data import Files, input_fn, load_source
-from trainer.distribute.strategy import build_strategy, configure_cpu_devices
-from trainer.errors import ConfigError, DataError, UserError
-from trainer.fit.trainer import Trainer
-from trainer.optimize.precision import set_policy
-from trainer.task import load_task
+import importlib
 
-__all__ = ["ConfigError", "DataError", "Files", "Trainer", "UserError",
-           "build_strategy", "configure_cpu_devices", "input_fn",
-           "layers", "load_source", "load_task", "set_policy"]
+# Loaded on first use (PEP 562), so that `import trainer.config` (a config
+# file, the launcher checking flags) does not import TensorFlow.
+_PUBLIC = {
+    "ConfigError": "trainer.errors", "DataError": "trainer.errors",
+    "UserError": "trainer.errors", "Files": "trainer.data",
+    "input_fn": "trainer.data", "load_source": "trainer.data",
+    "build_strategy": "trainer.distribute.strategy",
+    "configure_cpu_devices": "trainer.distribute.strategy",
+    "Trainer": "trainer.fit.trainer", "set_policy": "trainer.optimize.precision",
+    "load_task": "trainer.task", "layers": "trainer.layers",
+    "data": "trainer.data",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+  if name not in _PUBLIC:
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+  module = importlib.import_module(_PUBLIC[name])
+  value = module if _PUBLIC[name] == f"trainer.{name}" else getattr(module,
+                                                                      name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_PUBLIC))

@@ -31,7 +31,7 @@ from trainer.checkpoint.workdir import (check_resume_config,
 from trainer.distribute import strategy as strategy_lib
 from trainer.distribute.stop_signals import StopSignals
 from trainer.distribute.watchdog import Watchdog
-from trainer.errors import ConfigError, TrainingDiverged
+from trainer.errors import ConfigError, TrainingDiverged, first_line
 from trainer.fit.trainer import Trainer
 from trainer.optimize import optimizers, precision, pruning
 
@@ -56,6 +56,8 @@ class RunResult:
   # The workdir's run was already at train.steps: it was evaluated, and
   # nothing was trained or written.
   already_done: bool = False
+  # The task evaluates (a task with its own train_step may not).
+  evaluates: bool = True
 
 
 def testing_config(config: ml_collections.ConfigDict
@@ -143,7 +145,7 @@ class _Built:
   workdir: str | None
   trainer: Trainer
   train: task_lib.Examples
-  eval_fn: object  # InputContext -> eval dataset
+  eval_fn: object  # InputContext -> eval dataset; None: no evaluation
   callbacks: list
   saved: dict | None  # the saved config of a resumed run, flattened
   testing: bool
@@ -190,13 +192,17 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, *,
   if task is None:
     task = task_lib.load_task(config.task, config)
   methods = task_lib.optional_methods(task)
-  train = task_lib.examples(task.train_data(), "train_data")
-  evals = task_lib.examples(task.eval_data(), "eval_data")
+  # A task's own train_step may take x alone, and may have no evaluation.
+  own_step = methods.train_step is not None
+  train = task_lib.examples(task.train_data(), "train_data",
+                            labels=not own_step)
+  evals = (task_lib.examples(task.eval_data(), "eval_data")
+           if task_lib.has_evaluation(task) else None)
   data_lib.check_train_batch(train, config.data.global_batch_size // n)
   if config.data.service:
     data_lib.check_service(train, config.data.service,
                            window=config.data.shuffle_buffer)
-  eval_fn = data_lib.eval_input_fn(
+  eval_fn = evals and data_lib.eval_input_fn(
       evals, global_batch_size=config.data.eval_batch_size,
       take=TESTING_EVAL_BATCHES * config.data.eval_batch_size if testing
       else None)
@@ -217,7 +223,11 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, *,
     optimizer = (methods.build_optimizer() if methods.build_optimizer
                  else optimizers.build_optimizer(config.optimizer,
                                                  config.train.steps))
-  task_lib.check_task(task, model, train, compute_loss=methods.compute_loss)
+  if not own_step:
+    task_lib.check_task(task, model, train, compute_loss=methods.compute_loss)
+  elif evals is not None:  # its losses and metrics only evaluate
+    task_lib.check_task(task, model, evals, compute_loss=methods.compute_loss,
+                        method="eval_data")
   if workdir:
     check_workdir_writable(workdir)
   workers = strategy_lib.num_workers(strategy)
@@ -228,9 +238,11 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, *,
   try:
     trainer = Trainer(
         model=model, optimizer=optimizer,
-        loss=None if methods.compute_loss else task.build_losses,
-        compute_loss=methods.compute_loss, train_step=methods.train_step,
-        metrics=task.build_metrics,  # fresh ones
+        loss=(None if methods.compute_loss or evals is None
+              else task.build_losses),
+        compute_loss=methods.compute_loss if evals is not None else None,
+        train_step=methods.train_step,
+        metrics=task_lib.metrics_of(task),  # fresh ones
         strategy=strategy, steps_per_loop=config.train.steps_per_loop,
         global_clipnorm=config.optimizer.global_clipnorm,
         jit_compile=config.train.jit_compile,
@@ -241,6 +253,9 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, *,
         workdir=workdir, watchdog=watchdog)
     if config.train.jit_compile and config.train.deterministic:
       trainer.step.check_compiles(_per_replica_spec(train, config, n))
+    if own_step:
+      _trace_own_step(trainer, _per_replica_spec(train, config, n),
+                      config.precision.policy)
     callbacks = [*callbacks, *(methods.callbacks() if methods.callbacks
                                else ()),
                  *callbacks_lib.build_callbacks(config, workdir,
@@ -254,6 +269,28 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, *,
                 eval_fn=eval_fn, callbacks=callbacks, saved=saved,
                 testing=testing, allow_config_change=allow_config_change,
                 config_optimizer=methods.build_optimizer is None)
+
+
+def _trace_own_step(trainer: Trainer, batch_spec,
+                    policy: str) -> None:
+  """Traces (runs nothing of) a task's own train_step on one replica's
+  batch under the precision policy, so that an error in it is one line
+  before anything is written.
+
+  Raises:
+    ConfigError: the step raises while traced (its first line, the policy
+      named), or misuses `step` (trainer/step/context.py's own message).
+  """
+  try:
+    trainer.step.zero_outputs(batch_spec)
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(
+        f"train_step failed when traced on a batch of "
+        f"{tf.nest.map_structure(lambda s: tuple(s.shape), batch_spec)} "
+        f"under precision.policy={policy}: {type(e).__name__}: "
+        f"{first_line(e)}") from None
 
 
 def _checkpointer(built: _Built) -> Checkpointer:
@@ -320,7 +357,8 @@ def _train(built: _Built) -> RunResult:
   try:
     logs = _fit_with_recovery(trainer, config, built.train, built.eval_fn,
                               callbacks, checkpointer)
-    if "eval/loss" not in logs and not trainer.preempted:
+    if (built.eval_fn is not None and "eval/loss" not in logs and
+        not trainer.preempted):
       # resumed at or past train.steps: nothing to train, report the model
       logs.update({f"eval/{k}": v
                    for k, v in trainer.evaluate(built.eval_fn).items()})
@@ -337,7 +375,8 @@ def _train(built: _Built) -> RunResult:
                    seconds=time.perf_counter() - start, device=device,
                    is_chief=chief, preempted=trainer.preempted,
                    checkpoint=checkpointer and checkpointer.latest_checkpoint(),
-                   stop_signal=stops.received)
+                   stop_signal=stops.received,
+                   evaluates=built.eval_fn is not None)
 
 
 def _fit_with_recovery(trainer: Trainer, config: ml_collections.ConfigDict,
@@ -394,8 +433,9 @@ def _report_finished(built: _Built, checkpointer: Checkpointer) -> RunResult:
                "evaluating the restored model", steps,
                built.config.train.steps)
   try:
-    logs = {f"eval/{k}": v
-            for k, v in trainer.evaluate(built.eval_fn).items()}
+    logs = ({f"eval/{k}": v
+             for k, v in trainer.evaluate(built.eval_fn).items()}
+            if built.eval_fn is not None else {})
   finally:
     checkpointer.close()
   trainer.barrier()
@@ -404,4 +444,4 @@ def _report_finished(built: _Built, checkpointer: Checkpointer) -> RunResult:
                    device=trainer.strategy.extended.worker_devices[0],
                    is_chief=trainer.is_chief, preempted=False,
                    checkpoint=checkpointer.latest_checkpoint(),
-                   already_done=True)
+                   already_done=True, evaluates=built.eval_fn is not None)

@@ -29,7 +29,12 @@ optional:
                                         or {model name: optimizer}
   train_step(batch, step) -> {name: scalar}   your own step
                                         (trainer/step/context.py); the
-                                        losses and metrics then evaluate
+                                        losses and metrics then evaluate.
+                                        With it, train_data() may give x
+                                        alone (no labels: a GAN), and
+                                        eval_data() (then build_losses or
+                                        compute_loss, build_metrics) may be
+                                        left out: no evaluation
 
 Its own settings live in the config's `user` section (never checked).
 Everything here names the method that returned what, so a broken task is
@@ -153,11 +158,31 @@ def spec_of(task) -> str:
   return f"{where}:{type(task).__qualname__}"
 
 
+def has_evaluation(task) -> bool:
+  """Whether `task` evaluates: it has eval_data() (a task with its own
+  train_step may leave it out)."""
+  return callable(getattr(task, "eval_data", None))
+
+
+def metrics_of(task) -> Callable[[], list]:
+  """`task.build_metrics`, or no metrics for a task with its own
+  train_step that has none."""
+  build = getattr(task, "build_metrics", None)
+  return build if callable(build) else list
+
+
 def check_methods(task, what: str) -> None:
   """Raises ConfigError naming the required methods `task` lacks."""
   missing = [m for m in REQUIRED if not callable(getattr(task, m, None))]
-  if "build_losses" in missing and optional_methods(task).compute_loss:
+  methods = optional_methods(task)
+  if "build_losses" in missing and methods.compute_loss:
     missing.remove("build_losses")  # compute_loss gives the losses
+  if methods.train_step:
+    # Its own step trains: evaluation (eval_data and what it needs) is
+    # optional, but eval_data needs a loss.
+    optional = ["build_metrics", "eval_data"] + (
+        [] if has_evaluation(task) else ["build_losses"])
+    missing = [m for m in missing if m not in optional]
   if missing:
     raise ConfigError(
         f"{what}: {type(task).__name__} has no method "
@@ -183,8 +208,17 @@ class Examples:
   files: Files | None = None
 
 
-def examples(value, method: str) -> Examples:
-  """Checks what `method` (train_data, eval_data) returned.
+def _is_arrays(value) -> bool:
+  """An array, or a dict of them: x alone."""
+  if isinstance(value, dict):
+    return bool(value) and all(_is_arrays(v) for v in value.values())
+  return isinstance(value, np.ndarray) or tf.is_tensor(value)
+
+
+def examples(value, method: str, *, labels: bool = True) -> Examples:
+  """Checks what `method` (train_data, eval_data) returned; `labels=False`
+  (a task with its own train_step) also takes x alone: an array, a dict of
+  arrays, or a Dataset of any elements, handed to train_step as they are.
 
   Raises:
     DataError: not arrays (x, y[, w]) or a Dataset of such elements, or
@@ -193,18 +227,28 @@ def examples(value, method: str) -> Examples:
   what = f"{method}() returned"
   if isinstance(value, Files):
     dataset = files_lib.ordered(value)
-    _check_elements(dataset.element_spec, f"{what} Files whose decode gives")
+    if labels:
+      _check_elements(dataset.element_spec,
+                      f"{what} Files whose decode gives")
     counts = value.record_counts
     return Examples(dataset, None,
                     None if counts is None else int(sum(counts)), files=value)
   if isinstance(value, tf.data.Dataset):
     value = pipeline.unbatched(value, what)
-    _check_elements(value.element_spec, f"{what} a Dataset of")
+    if labels:
+      _check_elements(value.element_spec, f"{what} a Dataset of")
     cardinality = int(value.cardinality())
     if cardinality == 0:
       raise DataError(f"{what} a Dataset with no examples")
     return Examples(value, None, cardinality if cardinality >= 0 else None)
+  if not labels and _is_arrays(value):
+    return _x_alone(value, what)
   if not isinstance(value, (tuple, list)) or len(value) not in (2, 3):
+    if _is_arrays(value):
+      raise DataError(
+          f"{what} {type(value).__name__} (x alone, no labels); return "
+          "numpy arrays (x, y) or (x, y, sample_weight), or give the task "
+          "its own train_step(batch, step), which may take x alone")
     raise DataError(f"{what} {type(value).__name__}; return numpy arrays "
                     "(x, y) or (x, y, sample_weight), or a tf.data.Dataset")
   try:
@@ -231,6 +275,22 @@ def examples(value, method: str) -> Examples:
   if size == 0:
     raise DataError(f"{what} no examples")
   return Examples(tf.data.Dataset.from_tensor_slices(arrays), arrays, size)
+
+
+def _x_alone(x, what: str) -> Examples:
+  """Examples of x alone (an array or a dict of arrays), no labels."""
+  x = tf.nest.map_structure(np.asarray, x)
+  if any(a.ndim == 0 for a in tf.nest.flatten(x)):
+    raise DataError(f"{what} a scalar; return arrays with one row per "
+                    "example")
+  sizes = {len(a) for a in tf.nest.flatten(x)}
+  if len(sizes) != 1:
+    raise DataError(f"{what} arrays of different lengths {sorted(sizes)}; "
+                    "every array holds one row per example")
+  size = sizes.pop()
+  if size == 0:
+    raise DataError(f"{what} no examples")
+  return Examples(tf.data.Dataset.from_tensor_slices(x), x, size)
 
 
 def _check_elements(spec, what: str) -> None:
@@ -282,7 +342,8 @@ def build_variables(model, train: Examples) -> None:
   when first called) on 2 training examples; call inside strategy.scope()
   so its variables are the strategy's."""
   if isinstance(model, keras.Model) and not model.variables:
-    x, _, _ = keras.utils.unpack_x_y_sample_weight(first_batch(train))
+    batch = first_batch(train)
+    x = batch[0] if isinstance(batch, tuple) else batch
     try:
       model(x, training=False)
     except Exception as e:  # pylint: disable=broad-except
@@ -292,10 +353,11 @@ def build_variables(model, train: Examples) -> None:
 
 
 def check_task(task, model: keras.Model, train: Examples, *,
-               compute_loss=None) -> None:
-  """Runs the model, the loss and the metrics on 2 training examples, eagerly
-  and before anything is written, so a task whose pieces do not fit is one
-  error naming the method, not a traceback from inside a traced step.
+               compute_loss=None, method: str = "train_data") -> None:
+  """Runs the model, the loss and the metrics on 2 examples of `train` (what
+  `method` returned), eagerly and before anything is written, so a task
+  whose pieces do not fit is one error naming the method, not a traceback
+  from inside a traced step.
 
   Raises:
     ConfigError: build_model() did not return a Keras model, the model does
@@ -312,14 +374,14 @@ def check_task(task, model: keras.Model, train: Examples, *,
     try:
       per_example, outputs = compute_loss(model, batch, False)
     except Exception as e:  # pylint: disable=broad-except
-      raise ConfigError(f"{step} failed on 2 examples of train_data(): "
+      raise ConfigError(f"{step} failed on 2 examples of {method}(): "
                         f"{first_line(e)}") from None
   else:
     try:
       outputs = main(x, training=False)
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(
-          f"the model from build_model() does not take x from train_data() "
+          f"the model from build_model() does not take x from {method}() "
           f"(2 examples, shape {shape(x)}): {first_line(e)}") from None
     step = (f"build_losses(labels {shape(y)}, model_outputs "
             f"{shape(outputs)})")
@@ -334,7 +396,7 @@ def check_task(task, model: keras.Model, train: Examples, *,
     raise ConfigError(f"{step} returned shape {got} for {rows} examples; it "
                       "must return one loss per example, shape [batch] (for "
                       "a Keras loss use reduction='none')")
-  for metric in task.build_metrics():
+  for metric in metrics_of(task)():
     try:
       metric.update_state(y, tf.nest.map_structure(
           lambda t: tf.cast(t, tf.float32), outputs))

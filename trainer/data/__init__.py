@@ -21,15 +21,15 @@ from trainer.data import service as service_lib
 from trainer.data.files import Files
 from trainer.data.pipeline import input_fn
 from trainer.data.service import check as check_service
-from trainer.data.sources import DataInfo, Source, load_source
+from trainer.data.sources import DataInfo, Source, load_digits, load_source
 from trainer.data.stream import (CHUNK_BATCHES, CHUNK_BYTES, epoch_permutation,
                                  stream_input_fn)
 from trainer.errors import ConfigError, DataError
 
 __all__ = ["CHUNK_BATCHES", "CHUNK_BYTES", "DataInfo", "Files", "Source",
-           "check_batch_size", "check_service", "check_train_batch", "epoch_permutation",
-           "eval_input_fn", "input_fn", "load_source", "stream_input_fn",
-           "train_input_fn"]
+           "check_batch_size", "check_service", "check_train_batch",
+           "epoch_permutation", "eval_input_fn", "input_fn", "load_digits",
+           "load_source", "stream_input_fn", "train_input_fn"]
 
 
 def train_input_fn(train, *, global_batch_size: int, seed: int,

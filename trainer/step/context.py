@@ -20,17 +20,35 @@ hold by construction:
     workers (each value a `step.mean(...)`, as the loss is) and logged like
     the built-in `loss`.
 
-An update is applied after the step, so a loss cannot see another update of
-the same step: alternate updates across steps with `when=` (the GAN in
-configs/gan.py updates its discriminator on even steps).
+Order of updates. By default an update is applied after the step, with
+every other one in ONE all-reduce, so a loss never sees another update of
+the same step (simultaneous updates; alternate them across steps with
+`when=`, as configs/gan.py does). `step.apply(loss, optimizer, now=True)`
+applies it where it is called (its own all-reduce): what the step computes
+after it sees the new weights, as in a Keras `train_step` that calls
+`optimizer.apply_gradients` for the discriminator before it computes the
+generator's loss (configs/dcgan.py). A deferred loss that reads variables
+an earlier update of the same step changes is logged once as a warning.
+
+Randomness: each `step.random_normal` / `step.random_uniform` call draws
+new numbers, keyed by (seed, global step, call number in the step, global
+example), so a resumed run draws the same ones (`tf.random.*` inside a
+step does not).
 """
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
 from trainer.errors import ConfigError
 from trainer.step.update import OptimizerUpdate
+
+
+def always(when) -> bool:
+  """Whether a `when` is True whatever the step (a constant, not a
+  tensor that depends on it)."""
+  value = tf.get_static_value(when)
+  return value is not None and bool(value)
 
 
 class _Applied(NamedTuple):
@@ -40,6 +58,9 @@ class _Applied(NamedTuple):
   target: object  # the scaled loss, or the given (scaled) gradients
   loss: tf.Tensor | None  # the unscaled loss, for the logged total
   when: tf.Tensor  # bool scalar
+  # With now=True, what applying it in place gave (identical on every
+  # replica): {"skipped": float32, "norm": float32, "when": bool}; else None.
+  done: dict | None = None
 
 
 class StepContext:
@@ -60,16 +81,21 @@ class StepContext:
 
   def __init__(self, *, models: dict, updates: dict[str, OptimizerUpdate],
                aliases: list, global_count, count, rows, row_offset, step,
-               seed: int, num_replicas: int):
+               seed: int, num_replicas: int,
+               apply_now: Callable[[_Applied], dict] | None = None):
     self.models = models
     self.optimizers = {n: u.optimizer for n, u in updates.items()}
     self._updates, self._aliases = updates, aliases
     self.global_count, self.count, self.step = global_count, count, step
     self.num_replicas = num_replicas
     self._rows, self._row_offset, self._seed = rows, row_offset, seed
+    self._apply_now = apply_now  # None: the step is jit-compiled
+    self._draws = 0  # random_* calls so far in this step
     self.applied: list[_Applied] = []
+    self.means: list[tf.Tensor] = []  # what `mean` returned
 
-  def mean(self, per_example_loss, model=None) -> tf.Tensor:
+  def mean(self, per_example_loss, model=None, *,
+           per_example: bool = True) -> tf.Tensor:
     """This replica's share of the global mean: sum(per_example_loss) /
     global_count, float32 scalar; summed over replicas it is the mean over
     every example of the step.
@@ -79,8 +105,32 @@ class StepContext:
         per example of the batch this replica was given.
       model: also add this model's regularization losses (`model.losses`),
         once over all replicas.
+      per_example: False: the values are k per example in any shape (e.g.
+        [2 * rows, 1] for a discriminator's real and fake logits, as Keras'
+        mean over all of them): their mean over all replicas, sum / (k *
+        global_count).
     """
     values = tf.convert_to_tensor(per_example_loss)
+    if not per_example:
+      mean = self._mean_of_all(values)
+    else:
+      mean = self._mean_per_example(values)
+    if model is not None and model.losses:
+      mean += tf.add_n([tf.cast(l, tf.float32) for l in model.losses]
+                      ) / self.num_replicas
+    self.means.append(mean)
+    return mean
+
+  def _mean_of_all(self, values: tf.Tensor) -> tf.Tensor:
+    """sum(values) / (k * global_count), k = values per example; an empty
+    replica's padding row counts nothing."""
+    size = tf.cast(tf.size(values), tf.float32)
+    per_example = size / tf.cast(self._rows, tf.float32)
+    real = tf.cast(self.count > 0, tf.float32)
+    return real * tf.reduce_sum(tf.cast(values, tf.float32)) / (
+        per_example * self.global_count)
+
+  def _mean_per_example(self, values: tf.Tensor) -> tf.Tensor:
     if values.shape.rank != 1:
       raise ConfigError(
           "train_step: step.mean() takes one value per example (shape "
@@ -91,13 +141,11 @@ class StepContext:
       raise ConfigError(
           f"train_step: step.mean() got {values.shape[0]} values for a batch "
           f"of {rows} examples; it takes one value per example of the batch "
-          "(average each part with its own step.mean and add them)")
-    mean = tf.reduce_sum(tf.cast(values, tf.float32)[:self.count]
+          "(average each part with its own step.mean and add them, or "
+          "step.mean(values, per_example=False) for the mean of all of "
+          "them)")
+    return tf.reduce_sum(tf.cast(values, tf.float32)[:self.count]
                         ) / self.global_count
-    if model is not None and model.losses:
-      mean += tf.add_n([tf.cast(l, tf.float32) for l in model.losses]
-                      ) / self.num_replicas
-    return mean
 
   def _name_of(self, optimizer) -> str:
     if isinstance(optimizer, str):
@@ -122,8 +170,8 @@ class StepContext:
         tf.cast(loss, tf.float32))
 
   def apply(self, loss_or_grads, optimizer, variables=None, *,
-            when=True) -> None:
-    """Updates `variables` with `optimizer` after the step.
+            when=True, now: bool = False) -> None:
+    """Updates `variables` with `optimizer` after the step (`now`: here).
 
     Args:
       loss_or_grads: a float scalar loss (a sum of `step.mean(...)` terms),
@@ -134,6 +182,9 @@ class StepContext:
         the model the optimizer belongs to; else a subset of them.
       when: bool scalar; False leaves this update out of this step (neither
         applied nor counted as skipped), e.g. `step.step % 2 == 0`.
+      now: apply it here, with its own all-reduce, so what the step
+        computes next sees the new weights (the order of a Keras
+        train_step); not with train.jit_compile.
     """
     name = self._name_of(optimizer)
     update = self._updates[name]
@@ -164,18 +215,48 @@ class StepContext:
             f"train_step: step.apply(loss, {name!r}) got a loss of shape "
             f"{loss.shape}; pass a scalar such as step.mean(per_example)")
       target = update.scale(loss)
-    self.applied.append(_Applied(name, variables, target, loss,
-                                 tf.convert_to_tensor(when, tf.bool)))
+    applied = _Applied(name, variables, target, loss,
+                       tf.convert_to_tensor(when, tf.bool))
+    if now:
+      if self._apply_now is None:
+        raise ConfigError(
+            f"train_step: step.apply(..., {name!r}, now=True) updates in the "
+            "middle of the step, which train.jit_compile cannot compile; "
+            "turn off train.jit_compile or apply after the step (now=False)")
+      applied = applied._replace(done=self._apply_now(applied))
+    self.applied.append(applied)
 
-  def random_normal(self, shape, dtype=tf.float32) -> tf.Tensor:
-    """[rows of the batch, *shape] standard normal noise, one draw per
-    example of the global batch: the same numbers for an example whatever
-    the number of replicas (stateless, seeded by the trainer's seed and the
-    global step)."""
-    rows = self._rows  # max(count, 1)
+  def _seed_of_call(self) -> tf.Tensor:
+    """The stateless seed of this step's next random_* call: (seed, step)
+    for the first, folded with the call number for the others."""
+    seed = tf.stack([tf.constant(self._seed, tf.int64),
+                     tf.cast(self.step, tf.int64)])
+    call, self._draws = self._draws, self._draws + 1
+    if call == 0:
+      return seed
+    return tf.random.experimental.stateless_fold_in(seed, call)
+
+  def _per_example(self, draw: Callable, shape) -> tf.Tensor:
+    """This replica's rows of one draw [global examples + 1, *shape]."""
     total = tf.cast(self.global_count, tf.int32) + 1  # + an empty one's row
-    noise = tf.random.stateless_normal(
-        tf.concat([[total], tf.constant(shape, tf.int32)], 0),
-        seed=tf.stack([tf.constant(self._seed, tf.int64), self.step]),
-        dtype=dtype)
-    return noise[self._row_offset:self._row_offset + rows]
+    full = draw(tf.concat([[total], tf.constant(shape, tf.int32)], 0),
+                self._seed_of_call())
+    return full[self._row_offset:self._row_offset + self._rows]
+
+  def random_normal(self, shape, mean: float = 0.0, stddev: float = 1.0,
+                    dtype=tf.float32) -> tf.Tensor:
+    """[rows of the batch, *shape] normal noise (`mean`, `stddev`), one draw
+    per example of the global batch: the same numbers for an example
+    whatever the number of replicas, new numbers at each call."""
+    return self._per_example(
+        lambda full, seed: tf.random.stateless_normal(
+            full, seed=seed, mean=mean, stddev=stddev, dtype=dtype), shape)
+
+  def random_uniform(self, shape, minval: float = 0.0, maxval: float = 1.0,
+                     dtype=tf.float32) -> tf.Tensor:
+    """[rows of the batch, *shape] uniform noise in [minval, maxval), one
+    draw per example of the global batch, like `random_normal`."""
+    return self._per_example(
+        lambda full, seed: tf.random.stateless_uniform(
+            full, seed=seed, minval=minval, maxval=maxval, dtype=dtype),
+        shape)

@@ -6,10 +6,12 @@ Trainer's loop as trainer/step/builtin.py's TrainStep, one update per optimizer.
 from typing import Callable
 
 import tensorflow as tf
+from absl import logging
 
 from trainer.errors import ConfigError
 from trainer.step.base import Step, StepOutput, dense_gradients
-from trainer.step.context import StepContext
+from trainer.step.context import StepContext, always
+from trainer.step.habits import StepHabits
 from trainer.step.replica import (all_reduce_sum, average_statistics,
                                   lower_to_hlo, pad_empty, replica_statistics)
 from trainer.step.update import OptimizerUpdate
@@ -66,10 +68,20 @@ class CustomStep(Step):
     for name, update in self.updates.items():
       self._aliases += [(update.optimizer, name), (update.inner, name)]
     self._seed = int(seed)
+    main = next(iter(models))
+    if main not in optimizers:
+      logging.warning(
+          "build_model(): the first model, %r, is the main one (evaluated, "
+          "exported, pruned), but no optimizer trains it (build_optimizer() "
+          "trains %s); put the model you train first in the dict", main,
+          ", ".join(map(repr, optimizers)))
     self._statistics = ([s for m in models.values()
                          for s in replica_statistics(m)]
                         if strategy.num_replicas_in_sync > 1 else [])
     self._applied = None  # [(name, variables)] of the traced step
+    self._in_place = None  # [bool]: its update is made with now=True
+    self._habits = StepHabits(strategy.num_replicas_in_sync)
+    self._jit = bool(jit_compile)
     self._conditional = None  # [bool]: its update has a `when` not always True
     self._log_names = None  # sorted keys of the dict train_step returns
     self._local = (tf.function(self._local_fn, jit_compile=True)
@@ -118,16 +130,21 @@ class CustomStep(Step):
     offset = tf.reduce_sum(counts[:replica])
     return tf.reduce_sum(counts), n, tf.cast(offset, tf.int32)
 
-  def _run_user_step(self, batch, global_count, count, row_offset
+  def _run_user_step(self, batch, global_count, count, row_offset,
+                     tape: tf.GradientTape | None = None
                     ) -> tuple[dict, StepContext]:
     padded, _ = pad_empty(batch)
+    apply_now = None
+    if not self._jit:
+      apply_now = lambda applied: self._apply_now(applied, tape, count)
     ctx = StepContext(models=self.models, updates=self.updates,
                       aliases=self._aliases, global_count=global_count,
                       count=count, row_offset=row_offset,
                       rows=_rows(padded),
                       step=tf.convert_to_tensor(self.global_step),
                       seed=self._seed,
-                      num_replicas=self.strategy.num_replicas_in_sync)
+                      num_replicas=self.strategy.num_replicas_in_sync,
+                      apply_now=apply_now)
     logs = self._train_step(padded, ctx)
     if logs is None:
       logs = {}
@@ -149,38 +166,80 @@ class CustomStep(Step):
     if not ctx.applied:
       raise ConfigError("train_step applied no update: call step.apply(loss, "
                         "optimizer) for each optimizer it trains")
+    self._habits.check(ctx, out)
     return out, ctx
 
+  def _reduced_gradients(self, tape, applied, count) -> tuple:
+    """Replica context: `applied`'s gradients all-reduced (with whether
+    every replica makes it), unscaled and clipped: (grads, finite, norm,
+    when)."""
+    if tape is None:  # traced only for its names: nothing is run
+      grads = [tf.zeros_like(v) for v in applied.variables]
+    else:
+      with tape.stop_recording():
+        grads = self._local_gradients(tape, applied)
+    n_replicas = self.strategy.num_replicas_in_sync
+    flat = grads + [tf.cast(applied.when, tf.float32)]
+    if n_replicas > 1:
+      flat = average_statistics(self._statistics, tf.cast(count, tf.float32),
+                                flat, all_reduce_sum)
+    when = flat[-1] > n_replicas - 0.5
+    finished, finite, norm = self.updates[applied.name].finish(
+        flat[:-1], tf.constant(True))
+    return finished, finite, norm, when
+
+  def _apply_now(self, applied, tape, count) -> dict:
+    """Replica context: `applied` made here (`step.apply(..., now=True)`):
+    its own all-reduce, then the update in cross-replica context. Returns
+    {"skipped", "norm", "when"}, identical on every replica."""
+    grads, finite, norm, when = self._reduced_gradients(tape, applied, count)
+    update = self.updates[applied.name]
+
+    def apply(_):  # cross-replica context; replica 0's (identical) values
+      return tf.cond(when, lambda: update.apply(grads, finite,
+                                                applied.variables),
+                     lambda: tf.constant(0.0))
+
+    skipped = tf.distribute.get_replica_context().merge_call(apply)
+    return {"skipped": skipped, "norm": norm, "when": when}
+
+  @staticmethod
+  def _local_gradients(tape, applied) -> list:
+    """This replica's gradients of one `step.apply` (zeros when its `when`
+    is False: no backward pass then)."""
+    if applied.loss is None:  # given gradients
+      return dense_gradients(applied.target, applied.variables)
+    if always(applied.when):
+      return _gradients(tape, applied.target, applied.variables)
+    return tf.cond(
+        applied.when,
+        lambda: _gradients(tape, applied.target, applied.variables),
+        lambda: [tf.zeros_like(v) for v in applied.variables])
+
   def _local_fn(self, batch, global_count, count, row_offset):
-    """This replica's gradients (scaled), total loss, `when`s and logs."""
+    """This replica's gradients (scaled; none for an update made in place),
+    total loss, `when`s, logs, and what the in-place updates gave."""
     with tf.GradientTape(persistent=True) as tape:
-      logs, ctx = self._run_user_step(batch, global_count, count, row_offset)
-    grads = []
-    for applied in ctx.applied:
-      if applied.loss is None:  # given gradients
-        got = dense_gradients(applied.target, applied.variables)
-      elif tf.get_static_value(applied.when):  # always applied
-        got = _gradients(tape, applied.target, applied.variables)
-      else:  # no backward pass for an update left out of this step
-        got = tf.cond(
-            applied.when,
-            lambda a=applied, t=tape: _gradients(t, a.target, a.variables),
-            lambda a=applied: [tf.zeros_like(v) for v in a.variables])
-      grads.append(list(got))
+      logs, ctx = self._run_user_step(batch, global_count, count, row_offset,
+                                      tape)
+    self._habits.check_order(ctx, tape)
+    grads = [[] if a.done else list(self._local_gradients(tape, a))
+             for a in ctx.applied]
     del tape
     self._record(ctx, logs)
     losses = [tf.where(a.when, a.loss, 0.0) for a in ctx.applied
               if a.loss is not None]
     total = tf.add_n(losses) if losses else tf.constant(0.0)
     whens = [tf.cast(a.when, tf.float32) for a in ctx.applied]
-    return grads, total, whens, [logs[k] for k in self._log_names]
+    done = [a.done for a in ctx.applied if a.done]
+    return grads, total, whens, [logs[k] for k in self._log_names], done
 
   def _record(self, ctx: StepContext, logs: dict) -> None:
-    """Keeps what tracing the user's step told: its updates, their
-    `when`s and its log names."""
+    """Keeps what tracing the user's step told: its updates (and which are
+    made in place), their `when`s and its log names."""
     self._applied = [(a.name, a.variables) for a in ctx.applied]
-    self._conditional = [tf.get_static_value(a.when) is not True
-                         for a in ctx.applied]
+    self._in_place = [a.done is not None for a in ctx.applied]
+    self._conditional = [not always(a.when) for a in ctx.applied]
     self._log_names = sorted(logs)
 
   def replica_step(self, batch, want_norm=True) -> dict:
@@ -189,8 +248,8 @@ class CustomStep(Step):
     norm of an update with a `when` is taken whenever it is made (the
     loop logs its last one), of the others only if `want_norm`."""
     global_count, count, row_offset = self._counts(batch)
-    grads, total, whens, logs = self._local(batch, global_count, count,
-                                            row_offset)
+    grads, total, whens, logs, done = self._local(batch, global_count, count,
+                                                  row_offset)
     sizes = [len(g) for g in grads]
     flat = [g for group in grads for g in group] + [total] + whens + logs
     n_replicas = self.strategy.num_replicas_in_sync
@@ -204,14 +263,24 @@ class CustomStep(Step):
     out["when"] = [w > n_replicas - 0.5
                    for w in flat[at + 1:at + 1 + len(whens)]]
     out["logs"] = flat[at + 1 + len(whens):]
-    at = 0
-    for (name, _), size, when, conditional in zip(
-        self._applied, sizes, out["when"], self._conditional):
+    out["skipped"] = []
+    at, done = 0, iter(done)
+    for i, ((name, _), size, conditional) in enumerate(zip(
+        self._applied, sizes, self._conditional)):
+      if self._in_place[i]:  # made in place: its results
+        made = next(done)
+        out["grads"].append([])
+        out["finite"].append(tf.constant(True))
+        out["norm"].append(made["norm"])
+        out["when"][i] = made["when"]
+        out["skipped"].append(made["skipped"])
+        continue
       finished, finite, norm = self.updates[name].finish(
-          flat[at:at + size], when if conditional else want_norm)
+          flat[at:at + size], out["when"][i] if conditional else want_norm)
       out["grads"].append(finished)
       out["finite"].append(finite)
       out["norm"].append(norm)
+      out["skipped"].append(tf.constant(0.0))
       at += size
     return out
 
@@ -265,10 +334,13 @@ class CustomStep(Step):
     for i, (name, variables) in enumerate(self._applied):
       update = self.updates[name]
       grads, finite = out["grads"][i], first(out["finite"][i])
-      skipped = tf.cond(first(out["when"][i]),
-                        lambda u=update, g=grads, f=finite, v=variables:
-                        u.apply(g, f, v),
-                        lambda: tf.constant(0.0))
+      if self._in_place[i]:
+        skipped = first(out["skipped"][i])
+      else:
+        skipped = tf.cond(first(out["when"][i]),
+                          lambda u=update, g=grads, f=finite, v=variables:
+                          u.apply(g, f, v),
+                          lambda: tf.constant(0.0))
       sums[f"skipped/{name}"] = skipped
       any_skipped = tf.maximum(any_skipped, skipped)
     sums["skipped"] = any_skipped

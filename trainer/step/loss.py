@@ -19,8 +19,22 @@ def unpack_batch(batch):
 def resolve_loss(loss) -> Callable:
   """A per-example loss callable from a name, a Keras loss or a function."""
   if isinstance(loss, str):
-    return keras.losses.get({"class_name": loss,
-                             "config": {"reduction": "none"}})
+    try:  # a class name: one loss per example with reduction="none"
+      return keras.losses.get({"class_name": loss,
+                               "config": {"reduction": "none"}})
+    except (ValueError, TypeError):
+      pass
+    try:  # a function name ("mse", "sparse_categorical_crossentropy")
+      function = keras.losses.get(loss)
+    except (ValueError, TypeError):
+      function = None
+    if not callable(function) or isinstance(function, keras.losses.Loss):
+      raise ValueError(
+          f"unknown loss {loss!r}; give a Keras loss class name (e.g. "
+          "'MeanSquaredError') or function name (e.g. 'mse', "
+          "'sparse_categorical_crossentropy'), or a callable (y_true, "
+          "y_pred) -> [batch]")
+    return function  # Keras' loss functions give one value per example
   if isinstance(loss, keras.losses.Loss) and loss.reduction != "none":
     raise ValueError(f"the loss {loss.name!r} reduces with "
                      f"{loss.reduction!r}; create it with reduction='none' so "
