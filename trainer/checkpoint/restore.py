@@ -77,8 +77,10 @@ def restore(workdir: str) -> Restored:
         task.build_model(),
         has_train_step=bool(task_lib.optional_methods(task).train_step))
     # a subclassed model makes its variables when called
-    task_lib.build_variables(model, task_lib.examples(task.eval_data(),
-                                                      "eval_data"))
+    split = ("eval_data" if task_lib.has_evaluation(task) else
+             "train_data")  # a task with its own step may not evaluate
+    task_lib.build_variables(model, task_lib.examples(
+        getattr(task, split)(), split, labels=split == "eval_data"))
   try:  # only the model: not the optimizer, step or input offset
     reader = tf.train.Checkpoint(
         model=model_state_lib.model_state(model, checkpoint))

@@ -106,6 +106,11 @@ def _export(workdir: str, formats: tuple[str, ...],
             prepare: Callable[[keras.Model], keras.Model]) -> dict:
   """export(), under the float32 policy."""
   run = restore(workdir)
+  if not task_lib.has_evaluation(run.task):
+    raise ConfigError(
+        f"export runs the task's main model on eval_data() and reports how "
+        f"each format does on it, but {type(run.task).__name__} has no "
+        "eval_data(); add one that gives the main model's inputs to export")
   evals = task_lib.examples(run.task.eval_data(), "eval_data")
   train = (task_lib.examples(run.task.train_data(), "train_data")
            if "tflite_int8" in formats else None)
