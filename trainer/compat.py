@@ -6,10 +6,14 @@ pins both, and the test named with each use fails if a new version moves
 it). Nothing else in trainer/ touches a private name of either library.
 """
 
+import functools
+import inspect
+
 import keras
 import tensorflow as tf
 from keras.src.backend.tensorflow import core as keras_tf_core
 # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.autograph.core import config as tf_autograph_config
 from tensorflow.python.data.experimental.ops import distribute as tf_distribute
 from tensorflow.python.distribute.cluster_resolver import (
     slurm_cluster_resolver as tf_slurm)
@@ -21,6 +25,46 @@ from tensorflow.python.framework import config as tf_config
 SlurmClusterResolver = tf_slurm.SlurmClusterResolver
 expand_hostlist = tf_slurm.expand_hostlist
 expand_tasks_per_node = tf_slurm.expand_tasks_per_node
+
+
+def skip_autograph(package: str) -> None:
+  """Autograph leaves the functions of `package` as they are when traced
+  code calls them, as it does TensorFlow's and Keras' own
+  (`tensorflow/python/autograph/core/config.py` CONVERSION_RULES; no public
+  API adds a package). The trainer's graph code has no Python control flow
+  on tensors outside the loops of its `tf.function`s (which autograph still
+  converts: they are what tf.function was given), and converting it cost
+  1.5 s of CPU in every process (84 functions, 23% of a --testing run of
+  configs/digits.py). A user's functions called from it are converted by
+  `converted` instead. Pinned by tests/test_keras_train_step.py (a user's
+  loss and step with a Python `if` on a tensor still train)."""
+  rules = tf_autograph_config.CONVERSION_RULES
+  if not any(isinstance(r, tf_autograph_config.DoNotConvert) and
+             r.matches(package) for r in rules):
+    tf_autograph_config.CONVERSION_RULES = (
+        tf_autograph_config.DoNotConvert(package),) + tuple(rules)
+
+
+def converted(fn, *, ours: bool = False):
+  """A user's callable (a loss, compute_loss, train_step) converted by
+  autograph, as tf.function converts what it calls: a Python `if` on a
+  tensor works. Functions of TensorFlow, Keras and the trainer need none
+  (`skip_autograph`) and come back as they are (`ours=True`: a trainer
+  function with a `for` over `tf.range`, converted), as do objects
+  autograph cannot convert."""
+  module = getattr(inspect.getmodule(fn), "__name__", "") or ""
+  if not ours and module.split(".")[0] in ("tensorflow", "keras", "trainer"):
+    return fn
+  try:
+    if inspect.ismethod(fn):  # to_graph gives the function, unbound
+      return functools.partial(tf.autograph.to_graph(fn.__func__),
+                               fn.__self__)
+    return tf.autograph.to_graph(fn)
+  except Exception:  # pylint: disable=broad-except
+    return fn
+
+
+skip_autograph("trainer")
 
 
 def op_determinism_enabled() -> bool:

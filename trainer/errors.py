@@ -49,7 +49,7 @@ def _cut(line: str, longest: int = _LONGEST) -> str:
 def _where_and_message(error: BaseException) -> tuple[str | None, str]:
   """(the Keras layer call an error was raised in, or None; the first
   message line that says what is wrong), uncut."""
-  text = _ANSI.sub("", str(error)).strip()
+  text = _ANSI.sub("", untraced_message(error)).strip()
   lines = [l.strip() for l in text.splitlines() if l.strip()]
   where = _KERAS_CALL.match(lines[0]) if lines else None
   if where and len(lines) > 1 and not lines[1].startswith("Arguments "):

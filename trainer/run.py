@@ -289,8 +289,7 @@ def _trace_own_step(trainer: Trainer, batch_spec,
     raise ConfigError(
         f"train_step failed when traced on a batch of "
         f"{tf.nest.map_structure(lambda s: tuple(s.shape), batch_spec)} "
-        f"under precision.policy={policy}: {type(e).__name__}: "
-        f"{first_line(e)}") from None
+        f"under precision.policy={policy}: {first_line(e)}") from None
 
 
 def _checkpointer(built: _Built) -> Checkpointer:

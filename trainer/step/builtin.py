@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
+from trainer import compat
 from trainer.errors import ConfigError
 from trainer.step.base import Step, StepOutput, dense_gradients
 from trainer.step.loss import ComputeLoss, unpack_batch
@@ -194,8 +195,9 @@ class TrainStep(Step):
     if self.accum_steps == 1:
       grads, loss_sum, count, y_pred = self._local_grads(batch, global_count)
       self._update_metrics(batch, y_pred)
-    else:
-      grads, loss_sum, count = self._accumulated_grads(batch, global_count)
+    else:  # a loop over micro-batches: autograph makes it a while_loop
+      grads, loss_sum, count = compat.converted(
+          self._accumulated_grads, ours=True)(batch, global_count)
     if self.strategy.num_replicas_in_sync > 1:  # one replica: already global
       # One all-reduce: gradients, loss, count, and each replica's moving
       # statistics weighted by its examples.

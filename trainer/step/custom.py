@@ -8,6 +8,7 @@ from typing import Callable
 import tensorflow as tf
 from absl import logging
 
+from trainer import compat
 from trainer.errors import ConfigError
 from trainer.step.base import Step, StepOutput, dense_gradients
 from trainer.step.context import StepContext, always
@@ -60,7 +61,8 @@ class CustomStep(Step):
                seed: int = 0,
                after_update: Callable[[tf.Tensor], None] | None = None):
     super().__init__(strategy, after_update)
-    self._train_step, self.models = train_step, models
+    self._train_step = compat.converted(train_step)
+    self.models = models
     self.updates = {name: OptimizerUpdate(opt, models[name].trainable_variables,
                                           strategy, global_clipnorm)
                     for name, opt in optimizers.items()}

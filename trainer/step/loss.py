@@ -7,6 +7,8 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+from trainer import compat
+
 # (model, batch, training) -> (per-example loss [batch] float32, predictions)
 ComputeLoss = Callable[..., tuple]
 
@@ -46,6 +48,8 @@ def float32_losses(compute_loss: ComputeLoss) -> ComputeLoss:
   """A user's `compute_loss` whose per-example losses are float32 (a model
   ending in a float16 layer under mixed_float16 gives float16 ones)."""
 
+  compute_loss = compat.converted(compute_loss)
+
   def wrapped(model, batch, training):
     per_example, y_pred = compute_loss(model, batch, training)
     return tf.cast(per_example, tf.float32), y_pred
@@ -55,6 +59,7 @@ def float32_losses(compute_loss: ComputeLoss) -> ComputeLoss:
 
 def make_compute_loss(loss_fn: Callable) -> ComputeLoss:
   """Wraps a per-example `loss_fn(y_true, y_pred) -> [batch]` as ComputeLoss."""
+  loss_fn = compat.converted(loss_fn)
 
   def compute_loss(model, batch, training):
     x, y, sample_weight = unpack_batch(batch)
