@@ -172,7 +172,8 @@ def test_a_misused_step_context_is_one_error_naming_the_fix(
 
 
 @pytest.mark.parametrize("form, precision", [
-    ("loss", "float32"), ("grads", "mixed_float16"), ("jit", "float32")])
+    ("loss", "float32"), ("grads", "mixed_float16"),
+    pytest.param("jit", "float32", marks=pytest.mark.slow)])  # 8 s: XLA
 def test_a_one_model_train_step_equals_the_builtin_step(
     mirrored, policy, form, precision):
   """`step.apply(loss)`, given gradients of `step.scale_loss(loss)` under a

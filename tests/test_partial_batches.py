@@ -81,6 +81,7 @@ def test_finite_training_with_an_empty_replica_equals_one_device(
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5, err_msg=name_)
 
 
+@pytest.mark.slow  # in-process, but over 5 s: CI runs it
 def test_replicas_keep_one_set_of_batch_norm_statistics(mirrored, one_device):
   """Unsynchronized batch norm: each replica updates its own copy of the
   moving statistics (DESIGN.md fact 19); the step averages them, weighted

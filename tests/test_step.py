@@ -174,7 +174,8 @@ def test_gradient_accumulation_must_divide_the_replica_batch(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("policy_name", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("policy_name", [
+    "float32", pytest.param("mixed_float16", marks=pytest.mark.slow)])
 def test_xla_step_matches_the_plain_step_on_two_replicas(
     mirrored, policy, policy_name):
   """jit_compile with 2 replicas, gradient accumulation and each policy the
