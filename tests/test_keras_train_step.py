@@ -102,8 +102,12 @@ def test_now_under_jit_compile_is_one_error(one_device):
   trainer = Trainer(model=models, strategy=one_device, jit_compile=True,
                     train_step=_ordered_step,
                     optimizer={n: keras.optimizers.SGD(LR) for n in models})
-  with pytest.raises(ConfigError, match="train.jit_compile cannot compile"):
+  with pytest.raises(ConfigError,
+                     match="train.jit_compile cannot compile") as info:
     trainer.fit(x, batch_size=8, epochs=1)
+  assert str(info.value).startswith("train_step: step.apply(..., "
+                                    "'discriminator', now=True) updates")
+  assert "\n" not in str(info.value)  # not autograph's "in user code:"
 
 
 def _noise_step(batch, step):

@@ -9,7 +9,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import compat
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, untraced_message
 from trainer.step.base import Step, StepOutput, dense_gradients
 from trainer.step.context import StepContext, always
 from trainer.step.habits import StepHabits
@@ -306,7 +306,10 @@ class CustomStep(Step):
         return counts[0]
 
       trace = tf.function(lambda b: self.strategy.run(replica, args=(b,)))
-      trace.get_concrete_function(element_spec)
+      try:
+        trace.get_concrete_function(element_spec)
+      except ConfigError as e:  # a misused `step`: its line, not autograph's
+        raise ConfigError(untraced_message(e)) from None
     names, logs = self._names()
     zero = tf.constant(0.0)
     sums = {"loss_sum": zero, "count": zero, "skipped": zero}
