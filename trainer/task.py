@@ -255,18 +255,8 @@ def examples(value, method: str, *, labels: bool = True) -> Examples:
     arrays = tuple(tf.nest.map_structure(np.asarray, part) for part in value)
   except (TypeError, ValueError) as e:
     raise DataError(f"{what} something that is not arrays ({e})") from None
-  parts = ("x", "y", "sample_weight")
-  lengths = {}
-  for label, part in zip(parts, arrays):
-    if any(a.ndim == 0 for a in tf.nest.flatten(part)):
-      raise DataError(f"{what} a scalar as {label}; return arrays (x, y) or "
-                      "(x, y, sample_weight) with one row per example")
-    sizes = {len(a) for a in tf.nest.flatten(part)}
-    if len(sizes) != 1:
-      raise DataError(f"{what} {label} whose arrays have different lengths "
-                      f"{sorted(sizes)}; every array holds one row per "
-                      "example")
-    lengths[label] = sizes.pop()
+  lengths = {label: _rows(part, label, what)
+             for label, part in zip(("x", "y", "sample_weight"), arrays)}
   if len(set(lengths.values())) != 1:
     detail = ", ".join(f"{k} with {v}" for k, v in lengths.items())
     raise DataError(f"{what} {detail} examples; x, y (and sample_weight) "
@@ -277,17 +267,24 @@ def examples(value, method: str, *, labels: bool = True) -> Examples:
   return Examples(tf.data.Dataset.from_tensor_slices(arrays), arrays, size)
 
 
+def _rows(part, label: str, what: str) -> int:
+  """The rows of `part` (x, y or sample_weight: an array or a nest of
+  them), which must all have the same number of rows."""
+  if any(a.ndim == 0 for a in tf.nest.flatten(part)):
+    raise DataError(f"{what} a scalar as {label}; return arrays with one "
+                    "row per example: (x, y) or (x, y, sample_weight)")
+  sizes = {len(a) for a in tf.nest.flatten(part)}
+  if len(sizes) != 1:
+    raise DataError(f"{what} {label} whose arrays have different lengths "
+                    f"{sorted(sizes)}; every array holds one row per "
+                    "example")
+  return sizes.pop()
+
+
 def _x_alone(x, what: str) -> Examples:
   """Examples of x alone (an array or a dict of arrays), no labels."""
   x = tf.nest.map_structure(np.asarray, x)
-  if any(a.ndim == 0 for a in tf.nest.flatten(x)):
-    raise DataError(f"{what} a scalar; return arrays with one row per "
-                    "example")
-  sizes = {len(a) for a in tf.nest.flatten(x)}
-  if len(sizes) != 1:
-    raise DataError(f"{what} arrays of different lengths {sorted(sizes)}; "
-                    "every array holds one row per example")
-  size = sizes.pop()
+  size = _rows(x, "x", what)
   if size == 0:
     raise DataError(f"{what} no examples")
   return Examples(tf.data.Dataset.from_tensor_slices(x), x, size)
