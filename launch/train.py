@@ -112,10 +112,15 @@ def _eval_summary(logs: dict) -> str:
   """`eval <metric> V, ..., eval loss V`: the task's metrics first."""
   if not any(k.startswith("eval/") for k in logs):
     return "no evaluation (the task has no eval_data)"
-  names = [k[5:] for k in logs if k.startswith("eval/") and
-           k not in ("eval/loss", "eval/num_examples")] + ["loss"]
-  return ", ".join(f"eval {name} {logs.get('eval/' + name, float('nan')):.4f}"
-                   for name in names)
+  names = [k[5:] for k in logs if k.startswith("eval/") and k not in (
+      "eval/loss", "eval/num_examples", "eval/bad_records")] + ["loss"]
+  summary = ", ".join(
+      f"eval {name} {logs.get('eval/' + name, float('nan')):.4f}"
+      for name in names)
+  skipped = [f"{int(logs[key])} bad {what} records skipped" for key, what in
+             (("bad_records", "training"), ("eval/bad_records", "eval"))
+             if logs.get(key)]
+  return "; ".join([summary, *skipped])
 
 
 def _lost_peer(error: Exception) -> bool:

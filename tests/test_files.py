@@ -17,7 +17,6 @@ from trainer import data as data_lib
 from trainer.config import default_config
 from trainer.data import files as files_lib
 from trainer.errors import DataError
-from trainer.run import run
 
 _decoded = [0]
 
@@ -224,60 +223,6 @@ def test_sigkill_then_resume_on_disk_sources_is_bit_identical(tmp_path):
       np.testing.assert_array_equal(got[key], value, err_msg=f"{name} {key}")
 
 
-def _on_disk_run(workdir, **data):
-  """A short in-process run of the built-in task on an on-disk source."""
-  from configs import digits  # pylint: disable=import-outside-toplevel
-  config = digits.get_config()
-  config.data.update(dict(image_size=6, global_batch_size=4,
-                          eval_batch_size=4, shuffle_buffer=8, **data))
-  config.train.steps, config.train.steps_per_loop = 12, 4
-  config.callbacks.progress_bar = config.callbacks.tensorboard = False
-  return run(config, str(workdir))
-
-
-def test_a_corrupt_image_met_mid_run_is_one_data_error(tmp_path):
-  """An image cut to 100 bytes (not the first, which is checked before the
-  run): one DataError line saying what and where, not a traceback (exit 2
-  from the launcher, which a restart never repeats); checkpoints before it
-  stay."""
-  root = image_files.write_image_folder(str(tmp_path / "images"),
-                                        per_class=6)
-  bad = os.path.join(root, "train", "dog", "0003.png")
-  with open(bad, "rb") as f:
-    head = f.read(100)
-  with open(bad, "wb") as f:
-    f.write(head)
-  with pytest.raises(DataError) as raised:
-    _on_disk_run(tmp_path / "run", name="image_folder", data_dir=root)
-  message = str(raised.value)
-  assert message.startswith("a bad record in the input at training steps ")
-  assert "PNG" in message or "png" in message, message
-  assert "\n" not in message and "fix or remove it" in message
-
-
-def test_a_label_outside_num_classes_is_one_data_error(tmp_path):
-  """TFRecord labels 0-2 with data.num_classes=2: the label check names the
-  label, the key and the files (it was a traceback from the loss:
-  'Received a label value of 2 which is outside the valid range')."""
-  pattern = image_files.write_image_records(str(tmp_path / "rec"),
-                                            num_files=2, per_file=8)
-  folder = os.path.dirname(pattern)
-  for path in glob.glob(pattern):  # relabel: (f + i) % 3
-    examples = [tf.train.Example.FromString(r.numpy())
-                for r in tf.data.TFRecordDataset(path)]
-    with tf.io.TFRecordWriter(path) as writer:
-      for i, example in enumerate(examples):
-        example.features.feature["image/class/label"].int64_list.value[:] = [
-            i % 3 if i else 0]
-        writer.write(example.SerializeToString())
-  with pytest.raises(DataError) as raised:
-    _on_disk_run(tmp_path / "run", name="tfrecord", num_classes=2,
-                 train_files=pattern, eval_files=pattern)
-  message = str(raised.value)
-  assert "label outside [0, 2) (data.num_classes) in data.train_files" in (
-      message) and folder in message, message
-
-
 def test_image_folder_classes_come_from_its_folders(tmp_path, caplog):
   """3 class folders with data.num_classes=2 (it trained a 2-class model
   that could not be right, and config.json said 2): 3 classes, logged, in
@@ -286,8 +231,8 @@ def test_image_folder_classes_come_from_its_folders(tmp_path, caplog):
                                         per_class=4,
                                         classes=("ant", "bee", "cat"))
   with caplog.at_level("WARNING"):
-    _on_disk_run(tmp_path / "run", name="image_folder", data_dir=root,
-                 num_classes=2)
+    image_files.on_disk_run(tmp_path / "run", name="image_folder",
+                            data_dir=root, num_classes=2)
   assert "data.num_classes=3 from the 3 class folders" in caplog.text
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["data"]["num_classes"] == 3

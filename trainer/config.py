@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.image_size = 0  # resize images to this square size (0 = keep)
   c.data.shuffle_buffer = 10_000  # data on disk: examples shuffled together (a window of raw records for files)
   c.data.in_memory = False  # TFDS: hold the train split in memory (exact resume, no replay)
+  c.data.skip_bad_records = 0  # files: skip (count, name) up to N records that do not decode; 0 = a bad record ends the run
   c.data.service = ""  # tf.data service dispatcher (host:port): decode training data on its workers
   c.data.train_split = "train"
   c.data.eval_split = "test"
@@ -243,6 +244,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _non_negative(config.distribution.collective_timeout,
                 "distribution.collective_timeout")
   _non_negative(config.train.steps_per_epoch, "train.steps_per_epoch")
+  _non_negative(config.data.skip_bad_records, "data.skip_bad_records")
   _positive(config.optimizer.decay_factor, "optimizer.decay_factor", float)
   if config.optimizer.schedule == "step" and not config.optimizer.decay_steps:
     raise ConfigError("optimizer.schedule=step needs optimizer.decay_steps, "

@@ -22,6 +22,7 @@ from trainer import callbacks as callbacks_lib
 from trainer import compat
 from trainer import config as config_lib
 from trainer import data as data_lib
+from trainer.data import bad_records
 from trainer import task as task_lib
 from trainer.checkpoint.checkpointer import CheckpointEvery, Checkpointer
 from trainer.checkpoint.workdir import (check_resume_config,
@@ -31,7 +32,8 @@ from trainer.checkpoint.workdir import (check_resume_config,
 from trainer.distribute import strategy as strategy_lib
 from trainer.distribute.stop_signals import StopSignals
 from trainer.distribute.watchdog import Watchdog
-from trainer.errors import ConfigError, TrainingDiverged, first_line
+from trainer.errors import (ConfigError, DataError, TrainingDiverged,
+                            first_line)
 from trainer.fit.trainer import Trainer
 from trainer.optimize import optimizers, precision, pruning
 
@@ -199,13 +201,17 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, *,
   evals = (task_lib.examples(task.eval_data(), "eval_data")
            if task_lib.has_evaluation(task) else None)
   data_lib.check_train_batch(train, config.data.global_batch_size // n)
+  data_lib.check_skipping(train, evals, config.data.skip_bad_records,
+                          config.data.service)
+  skipping = (bad_records.Skipping(config.data.skip_bad_records)
+              if config.data.skip_bad_records else None)
   if config.data.service:
     data_lib.check_service(train, config.data.service,
                            window=config.data.shuffle_buffer)
   eval_fn = evals and data_lib.eval_input_fn(
       evals, global_batch_size=config.data.eval_batch_size,
       take=TESTING_EVAL_BATCHES * config.data.eval_batch_size if testing
-      else None)
+      else None, skipping=skipping)
   saved = None
   if workdir and not testing:
     saved_config = read_saved_config(workdir)
@@ -250,7 +256,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str | None, *,
         min_loss_scale=config.precision.min_loss_scale, seed=config.seed,
         pruning=pruning.schedule_from_config(config.pruning,
                                              config.train.steps),
-        workdir=workdir, watchdog=watchdog)
+        workdir=workdir, watchdog=watchdog, skipping=skipping)
     if config.train.jit_compile and config.train.deterministic:
       trainer.step.check_compiles(_per_replica_spec(train, config, n))
     if own_step:
@@ -399,13 +405,17 @@ def _fit_with_recovery(trainer: Trainer, config: ml_collections.ConfigDict,
         seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
         start_step=position, service=config.data.service,
         run_id=(os.path.abspath(trainer.workdir) if trainer.workdir
-                else config.to_json()))
+                else config.to_json()), skipping=trainer.skipping)
     try:
       return trainer.fit(
           train_fn, steps=config.train.steps,
           steps_per_epoch=steps_per_epoch(config, train.size),
           validation_data=eval_fn, eval_every=config.train.eval_every,
           callbacks=callbacks).last_logs
+    except DataError as e:  # a bad record: name its file where we can
+      raise bad_records.name_the_record(
+          e, train_fn, eval_fn, int(checkpointer.input_offset.numpy())
+          if checkpointer else 0) from None
     except TrainingDiverged as e:
       if checkpointer and recoveries < config.train.nan_recovery:
         checkpointer.wait()  # this worker's async save, if any

@@ -1,6 +1,7 @@
 """Datasets on disk made inside a test: an image folder of PNGs, TFRecord
-shards of encoded images, a real TFDS dataset; and the built-in image task
-with a counter on its decode (`user.count_dir/decoded-<pid>` at exit)."""
+shards of encoded images, a real TFDS dataset; a short run on one; the
+built-in image task with a counter on its decode
+(`user.count_dir/decoded-<pid>` at exit)."""
 
 import atexit
 import dataclasses
@@ -68,6 +69,22 @@ def write_tfds(data_dir: str, *, num_train: int, num_test: int,
       split_datasets={"train": split(num_train, 0),
                       "test": split(num_test, 1)})
   return name
+
+
+def on_disk_run(workdir, *, steps: int = 12, deterministic: bool = False,
+                eval_every: int = 0, **data):
+  """A short in-process run of the built-in task on an on-disk source:
+  6x6 images, batches of 4, host loops of 4 steps, `steps` steps."""
+  from configs import digits  # pylint: disable=import-outside-toplevel
+  from trainer.run import run  # pylint: disable=import-outside-toplevel
+  config = digits.get_config()
+  config.data.update(dict(image_size=6, global_batch_size=4,
+                          eval_batch_size=4, shuffle_buffer=8, **data))
+  config.train.steps, config.train.steps_per_loop = steps, 4
+  config.train.deterministic, config.train.eval_every = (deterministic,
+                                                         eval_every)
+  config.callbacks.progress_bar = config.callbacks.tensorboard = False
+  return run(config, str(workdir))
 
 
 def _count(label):

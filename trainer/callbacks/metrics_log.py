@@ -65,7 +65,8 @@ class MetricsLogger(TrainerCallback):
     logs = logs or {}
     logging.info("epoch %d/%d (step %d): %s", epoch + 1, self._epochs,
                  self.global_step,
-                 ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+                 ", ".join(f"{k} {v:.4g}" for k, v in logs.items()
+                           if not (k.endswith("bad_records") and not v)))
 
 
 def read_metrics(workdir: str) -> list[dict]:

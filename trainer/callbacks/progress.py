@@ -11,7 +11,7 @@ import keras
 
 from trainer.callbacks.base import TrainerCallback
 
-_SHOWN_EXTRA = ("examples_per_sec", "loss_scale")
+_SHOWN_EXTRA = ("examples_per_sec", "loss_scale", "bad_records")
 
 
 class ProgressBar(TrainerCallback):
@@ -32,7 +32,8 @@ class ProgressBar(TrainerCallback):
         stateless_metrics=(), verbose=1 if sys.stdout.isatty() else 2)
 
   def _values(self, logs, names):
-    return [(k, logs[k]) for k in names if k in logs]
+    return [(k, logs[k]) for k in names if k in logs and not (
+        k.endswith("bad_records") and not logs[k])]  # shown once there are some
 
   def on_train_batch_end(self, batch, logs=None):
     logs = logs or {}

@@ -27,20 +27,20 @@ from trainer.data.stream import (CHUNK_BATCHES, CHUNK_BYTES, epoch_permutation,
 from trainer.errors import ConfigError, DataError
 
 __all__ = ["CHUNK_BATCHES", "CHUNK_BYTES", "DataInfo", "Files", "Source",
-           "check_batch_size", "check_service", "check_train_batch",
+           "check_batch_size", "check_service", "check_skipping", "check_train_batch",
            "epoch_permutation", "eval_input_fn", "input_fn", "load_digits",
            "load_source", "stream_input_fn", "train_input_fn"]
 
 
 def train_input_fn(train, *, global_batch_size: int, seed: int,
                    shuffle_buffer: int, start_step: int = 0,
-                   service: str = "", run_id: str = ""):
+                   service: str = "", run_id: str = "", skipping=None):
   """The training dataset function for `train` (a trainer.task.Examples):
   decoded on the tf.data service at `service` if given (one job per
   `run_id` and start step), else addressed by step if it is in memory
   (`train.arrays`), seekable if it is files (`train.files`), else a task's
   pipeline shuffled through a buffer, replaying the batches of the steps
-  already taken."""
+  already taken. `skipping` (a bad_records.Skipping) applies to files."""
   if service:
     return service_lib.train_fn(train, service=service, run_id=run_id,
                                 global_batch_size=global_batch_size,
@@ -52,7 +52,7 @@ def train_input_fn(train, *, global_batch_size: int, seed: int,
   if train.files is not None:
     return files_lib.train_fn(train.files, global_batch_size=global_batch_size,
                               seed=seed, window=shuffle_buffer,
-                              start_step=start_step)
+                              start_step=start_step, skipping=skipping)
   if start_step:
     logging.warning(
         "resuming a tf.data training set at step %d: reading and dropping "
@@ -64,13 +64,14 @@ def train_input_fn(train, *, global_batch_size: int, seed: int,
                   start_step=start_step)
 
 
-def eval_input_fn(evals, *, global_batch_size: int, take: int | None = None):
+def eval_input_fn(evals, *, global_batch_size: int, take: int | None = None,
+                  skipping=None):
   """The eval dataset function for `evals` (a trainer.task.Examples): one
   pass, every example once, the last batch partial; at most `take`
   examples (the testing mode)."""
   if evals.files is not None:
     return files_lib.eval_fn(evals.files, global_batch_size=global_batch_size,
-                             take=take)
+                             take=take, skipping=skipping)
   examples = evals.dataset if take is None else evals.dataset.take(take)
   return input_fn(examples, global_batch_size=global_batch_size,
                   training=False)
@@ -84,6 +85,25 @@ def check_train_batch(train, per_replica_batch: int) -> None:
     raise DataError(f"a per-replica batch of {per_replica_batch} is larger "
                     f"than the {train.size} training examples; lower "
                     "data.global_batch_size")
+
+
+def check_skipping(train, evals, limit: int, service: str) -> None:
+  """Refuses `data.skip_bad_records` where records are not decoded by the
+  trainer (trainer.task.Examples `train`, `evals` or None)."""
+  if limit <= 0:
+    return
+  if service:
+    raise ConfigError("data.skip_bad_records does not work with data.service"
+                      " (the service's workers decode the records); set one "
+                      "of them")
+  for examples, method in ((train, "train_data"), (evals, "eval_data")):
+    if examples is not None and examples.dataset is not None and (
+        examples.files is None and examples.arrays is None):
+      raise ConfigError(
+          f"data.skip_bad_records needs {method}() as trainer.data.Files "
+          "(the trainer decodes those record by record); a tf.data pipeline "
+          "of your own decodes on its own: end its map with "
+          ".ignore_errors() instead")
 
 
 def check_batch_size(global_batch_size: int, num_parts: int,

@@ -39,6 +39,16 @@ class WorkerAgreement:
                            tf.constant(1.0 if preempt else 0.0)).numpy()
     return bool(out[0] > 0), float(out[1]), bool(out[2] > 0)
 
+  def total(self, count: int) -> int:
+    """The sum of every worker's `count` (exact below 2**24)."""
+    if self.num_workers == 1:
+      return count
+    local = self.strategy.num_replicas_in_sync // self.num_workers
+    zero = tf.constant(0.0)
+    # every local replica adds the worker's count: divide them out
+    summed = self._all_reduce(tf.constant(float(count)), zero, zero)
+    return int(round(float(summed.numpy()[0]) / local))
+
   def barrier(self) -> None:
     """Returns when every worker has called it."""
     if self.num_workers > 1:

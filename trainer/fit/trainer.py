@@ -2,9 +2,10 @@
 predict in Keras' words).
 
 `train_steps` runs `steps_per_loop` train steps per host call: a `tf.range`
-loop inside one `tf.function` (as in Orbit's loop_fns), each step a
-`strategy.run` of the per-replica step in trainer/step/builtin.py. A finite dataset
-ends the loop early; a partial last batch is averaged over its real size.
+loop inside one `tf.function` (trainer/fit/host_loop.py), each step a
+`strategy.run` of the per-replica step in trainer/step/builtin.py. A finite
+dataset ends the loop early; a partial last batch is averaged over its real
+size.
 Inputs: trainer/fit/inputs.py; evaluation: trainer/fit/evaluation.py; prediction:
 trainer/fit/predict.py; how long fit trains: trainer/fit/plan.py.
 """
@@ -22,6 +23,7 @@ from trainer.distribute.agreement import WorkerAgreement
 from trainer.errors import ConfigError, UserError, untraced_message
 from trainer.fit.evaluation import Evaluator
 from trainer.fit.epochs import run_epochs
+from trainer.fit.host_loop import host_loop
 from trainer.fit.plan import FitPlan
 from trainer.fit.logs import host_loop_logs, loss_scale_logs
 from trainer.optimize.optimizers import (inner_optimizer, prepare_optimizers,
@@ -82,6 +84,9 @@ class Trainer:
       (`trainer.workdir`), or None.
     watchdog: a trainer.distribute.watchdog.Watchdog told of every host-loop
       boundary (multi-worker runs), or None.
+    skipping: the inputs' trainer.data.bad_records.Skipping (records that do
+      not decode are skipped and counted): logs gain `bad_records`, summed
+      over workers, and a count past its limit is a DataError.
   """
 
   def __init__(self, *, model: keras.Model | dict, optimizer, loss=None,
@@ -93,7 +98,7 @@ class Trainer:
                jit_compile: bool = False, grad_accum_steps: int = 1,
                pruning: PruningSchedule | None = None,
                min_loss_scale: float = 1.0, seed: int = 0,
-               workdir: str | None = None, watchdog=None):
+               workdir: str | None = None, watchdog=None, skipping=None):
     if loss is not None and compute_loss is not None:
       raise ValueError("pass `loss` or `compute_loss`, not both")
     if train_step is None and loss is None and compute_loss is None:
@@ -150,6 +155,7 @@ class Trainer:
     self._preempt_requested = False
     self.preempted = False  # the run stopped early on request_preemption()
     self.watchdog, self.workdir = watchdog, workdir
+    self.skipping = skipping
     self._evaluator = self._compute_loss and Evaluator(
         model=model if compute_loss else self.model,
         compute_loss=self._compute_loss, strategy=self.strategy,
@@ -167,42 +173,9 @@ class Trainer:
     return inputs.distribute(self.strategy, data, self.num_workers)
 
   def _train_loop_fn(self, iterator, num_steps):
-    """Up to `num_steps` steps; adds up the step's `sum` outputs and keeps
-    its `last` ones from the last step (see TrainStep.__call__)."""
-    with self.strategy.scope():
-      steps = tf.constant(0, tf.int64)
-      zeros = self.step.zero_outputs(iterator.element_spec)
-      sums, last = zeros["sum"], zeros["last"]
-      # Seconds blocked on the input; tf.timestamp is refused under op
-      # determinism, so deterministic runs do not measure it.
-      timed = not compat.op_determinism_enabled()
-      waited = tf.constant(0.0, tf.float64)
-      for i in tf.range(num_steps):
-        if timed:
-          asked = tf.timestamp()
-          with tf.control_dependencies([asked]):
-            optional = iterator.get_next_as_optional()
-          has_value = optional.has_value()
-          with tf.control_dependencies([has_value]):
-            waited += tf.timestamp() - asked
-        else:
-          optional = iterator.get_next_as_optional()
-          has_value = optional.has_value()
-        if not has_value:
-          break
-        is_last = tf.equal(i, num_steps - 1)  # norms are logged for it only
-        out = self.step(optional.get_value(), want_norm=is_last)
-        steps += 1
-        sums = {k: sums[k] + v for k, v in out["sum"].items()}
-        # `last_if`: a value kept from the last step that made it (an
-        # update with `when`), else from the loop's last step.
-        made = out.get("last_if", {})
-        last = {k: tf.where(made.get(k, is_last), v, last[k])
-                for k, v in out["last"].items()}
-    out = {"steps": steps, "sum": sums, "last": last}
-    if timed:
-      out["input_wait"] = waited
-    return out
+    """Up to `num_steps` steps (trainer/fit/host_loop.py)."""
+    return compat.converted(host_loop, ours=True)(self.step, self.strategy,
+                                                  iterator, num_steps)
 
   def train_steps(self, iterator, num_steps: int, *,
                   reset_metrics: bool = True) -> dict[str, float]:
@@ -225,10 +198,13 @@ class Trainer:
     start = time.perf_counter()
     try:
       with bad_records.reported(
-          lambda: f"training steps {first + 1}-{first + num_steps}"):
+          lambda: f"training steps {first + 1}-{first + num_steps}",
+          steps=(first, num_steps)):
         out = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
     except UserError as e:  # a misused StepContext, found while tracing
-      raise type(e)(untraced_message(e)) from None
+      untraced = type(e)(untraced_message(e))
+      untraced.__dict__.update(e.__dict__)  # a bad record's steps
+      raise untraced from None
     out = tf.nest.map_structure(lambda t: t.numpy(), out)
     elapsed = time.perf_counter() - start
     self._beat(f"the callbacks after step {first + int(out['steps'])} "
@@ -249,7 +225,17 @@ class Trainer:
     logs.update(loss_scale_logs(self.step.loss_scales, several))
     if self.pruner is not None:
       logs["sparsity"] = self.pruner.sparsity()
+    if self.skipping is not None:
+      logs["bad_records"] = self._bad_records(self.skipping.train_count(),
+                                              "the training data so far")
     return logs
+
+  def _bad_records(self, count: int, where: str) -> int:
+    """Bad records skipped (this process's `count`), summed over workers; a
+    count past the limit is a DataError on every worker (one sum)."""
+    total = self.agreement.total(count)
+    self.skipping.observe(total, where, say=self.is_chief)
+    return total
 
   def learning_rate(self) -> float:
     """The learning rate the next step will use."""
@@ -270,9 +256,15 @@ class Trainer:
     data = inputs.as_input(x, y, sample_weight, batch_size=batch_size,
                            replicas=self.strategy.num_replicas_in_sync)
     self._beat("evaluation")
+    skipped = self.skipping and int(self.skipping.eval_count.numpy())
     with bad_records.reported(lambda: "the evaluation after step "
-                              f"{int(self.global_step.numpy())}"):
+                              f"{int(self.global_step.numpy())}",
+                              evaluation=True):
       logs = self._evaluator(data)
+    if self.skipping is not None:
+      logs["bad_records"] = self._bad_records(
+          int(self.skipping.eval_count.numpy()) - skipped,
+          "one pass over the eval data")
     self._beat("the callbacks after an evaluation")
     return logs
 
