@@ -15,6 +15,7 @@ import tensorflow as tf
 import trainer  # registers trainer.layers for keras.models.load_model
 from configs import digits
 from conftest import run_module, run_modules
+from tests.helpers import image_files
 from trainer.export import exporter as export_lib
 from trainer import layers
 from trainer.export import formats as export_formats
@@ -345,3 +346,29 @@ def test_launcher_bad_input_is_one_line_and_exit_2(message,
   assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not (run / "export").exists()
+
+
+def test_an_image_folder_run_exports_a_classify_signature(tmp_path):
+  """Output i is class_names[i]: the SavedModel's `classify` signature
+  returns the top class's name for each image (and its index and the
+  scores, equal to serving_default's), and report.json says so."""
+  root = image_files.write_image_folder(str(tmp_path / "images"),
+                                        per_class=4,
+                                        classes=("ant", "bee", "cat"))
+  image_files.on_disk_run(tmp_path / "run", name="image_folder",
+                          data_dir=root, steps=4)
+  report = export_lib.export(str(tmp_path / "run"), ("saved_model",))
+  assert report["class_names"] == ["ant", "bee", "cat"]
+  assert report["saved_model_signatures"] == ["serving_default", "classify"]
+  loaded = tf.saved_model.load(str(tmp_path / "run" / "export" /
+                                   "saved_model"))
+  serve = loaded.signatures["serving_default"]
+  (name, spec), = serve.structured_input_signature[1].items()
+  images = tf.random.stateless_uniform([5, *spec.shape[1:]], seed=(1, 2))
+  classified = loaded.signatures["classify"](**{name: images})
+  scores = next(iter(serve(**{name: images}).values())).numpy()
+  np.testing.assert_array_equal(classified["scores"].numpy(), scores)
+  index = scores.argmax(-1)
+  np.testing.assert_array_equal(classified["class_index"].numpy(), index)
+  assert [n.decode() for n in classified["class_name"].numpy()] == [
+      ("ant", "bee", "cat")[i] for i in index]

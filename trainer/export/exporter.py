@@ -232,7 +232,8 @@ def _export_into(directory: str, model: keras.Model, run: Restored,
   signature = evaluation.signature
   saved_model = os.path.join(directory, FILES["saved_model"])
   if any(f == "saved_model" or f.startswith("tflite") for f in formats):
-    signature_lib.write_saved_model(model, signature, saved_model)
+    signature_lib.write_saved_model(model, signature, saved_model,
+                                    run.config.data.get("class_names", ()))
   float32 = evaluation.run(
       lambda x: [keras.ops.convert_to_numpy(t) for t in tf.nest.flatten(
           model(x, training=False))])
@@ -267,6 +268,13 @@ def _export_into(directory: str, model: keras.Model, run: Restored,
                        " (max |difference| over the eval set)"}
   if run.config.data.get("class_names"):  # output i is class_names[i]
     report["class_names"] = list(run.config.data.class_names)
+    if "saved_model" in formats:  # `classify`: the top class's name
+      reason = signature_lib.classes_reason(signature,
+                                            run.config.data.class_names)
+      report["saved_model_signatures"] = ["serving_default"] + (
+          [] if reason else ["classify"])
+      if reason:
+        report["classify_skipped"] = reason
   if train:
     report["representative_examples"] = min(
         representative_batches * REPRESENTATIVE_BATCH_SIZE,

@@ -127,17 +127,46 @@ def of_model(model: keras.Model, x, outputs) -> Signature:
       input_structure=input_structure, output_structure=output_structure)
 
 
-def write_saved_model(model: keras.Model, signature: Signature,
-                      path: str) -> None:
+def classes_reason(signature: Signature, class_names) -> str | None:
+  """Why a model cannot have a `classify` signature for `class_names`
+  (None when it can: one output of shape [batch, len(class_names)])."""
+  if not class_names:
+    return "the run has no data.class_names"
+  shapes = [s.shape.as_list() for s in signature.outputs.values()]
+  if len(shapes) != 1 or shapes[0][1:] != [len(class_names)]:
+    return (f"the model's outputs {shapes} are not one [batch, "
+            f"{len(class_names)}] score per class")
+  return None
+
+
+def write_saved_model(model: keras.Model, signature: Signature, path: str,
+                      class_names=()) -> None:
   """A SavedModel whose `serving_default` maps {input name: tensor} to
-  {output name: tensor} as `signature` says."""
+  {output name: tensor} as `signature` says; with `class_names` (output i
+  is class_names[i]) and a model of one [batch, classes] output, also
+  `classify`: the same inputs to {"class_name": string [batch], the top
+  class's name; "class_index": int64 [batch]; "scores": the output}."""
+
+  def outputs_of(named):
+    return tf.nest.flatten(model(signature.model_inputs(named),
+                                 training=False))
 
   def serve(named):
-    outputs = model(signature.model_inputs(named), training=False)
-    return dict(zip(signature.outputs, tf.nest.flatten(outputs)))
+    return dict(zip(signature.outputs, outputs_of(named)))
 
   archive = keras.export.ExportArchive()
   archive.track(model)
   archive.add_endpoint("serving_default", serve,
                        input_signature=[dict(signature.inputs)])
+  if classes_reason(signature, class_names) is None:
+    names = tf.constant([str(n) for n in class_names])
+
+    def classify(named):
+      scores = outputs_of(named)[0]
+      index = tf.argmax(scores, axis=-1)
+      return {"class_name": tf.gather(names, index), "class_index": index,
+              "scores": scores}
+
+    archive.add_endpoint("classify", classify,
+                         input_signature=[dict(signature.inputs)])
   archive.write_out(path, verbose=False)
