@@ -150,6 +150,8 @@ def main(argv: list[str]) -> None:
   from trainer import run as run_lib  # pylint: disable=import-outside-toplevel
   from trainer.checkpoint.checkpointer import CheckpointWriteError  # pylint: disable=import-outside-toplevel
   from trainer.errors import TrainingDiverged, UserError, first_line  # pylint: disable=import-outside-toplevel
+  from trainer.distribute import stop_signals  # pylint: disable=import-outside-toplevel
+  stop_signals.exit_on_second_interrupt()  # this process is the launcher's
   config_path = flags.FLAGS["config"].config_filename
   try:
     result = run_lib.run(_CONFIG.value, _WORKDIR.value, testing=_TESTING.value,

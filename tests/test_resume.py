@@ -5,9 +5,11 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -19,6 +21,7 @@ from tests.helpers.checkpoints import variables as _variables
 from conftest import ROOT, run_module, run_modules
 from trainer import data as data_lib
 from trainer.callbacks import TrainerCallback, read_metrics
+from trainer.distribute import stop_signals
 from trainer.errors import ConfigError, TrainingDiverged
 from trainer.run import run
 
@@ -357,3 +360,39 @@ def test_a_run_saved_before_a_new_config_key_existed_still_resumes(tmp_path):
   del saved["model"]["sync_batch_norm"]  # as written by an older version
   path.write_text(json.dumps(saved))
   assert run(_config(steps=40), str(tmp_path)).steps == 40
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_in_a_notebook_raises_and_keeps_the_process(
+    tmp_path):
+  """`trainer.run.run` called in-process (a notebook): two Ctrl-Cs inside
+  one host loop (one TensorFlow call of 5,000 steps, ~1 s, where Python
+  runs the handler once for both) raise KeyboardInterrupt with the one-line
+  reason when that loop returns, instead of ending the process (the
+  launcher's os._exit killed a notebook's kernel); the signal handlers are
+  the caller's again afterwards and the checkpoint before it stays."""
+  config = digits.get_config()
+  config.train.steps, config.train.steps_per_loop = 100_000, 5_000
+  config.train.steps_per_epoch = 1_000_000
+  config.train.checkpoint_every = 5_000
+  config.callbacks.progress_bar = False
+
+  def interrupt_twice():
+    time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  class InterruptTheSecondLoop(TrainerCallback):
+    """Starts the two Ctrl-Cs as the second host loop begins."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+      if self.global_step == 5_000:
+        threading.Thread(target=interrupt_twice, daemon=True).start()
+
+  before = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt,
+                     match=re.escape(stop_signals.SECOND_INTERRUPT)):
+    run(config, str(tmp_path), callbacks=[InterruptTheSecondLoop()])
+  assert signal.getsignal(signal.SIGINT) is before
+  assert (tmp_path / "checkpoints" / "ckpt-5000.index").exists()
