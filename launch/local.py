@@ -10,7 +10,9 @@ Everything after `--` goes to `python -m launch.train` (or `--module`), with
 through it (`--config.data.service=localhost:PORT` appended); it stops
 when they end. Each worker's output lines are prefixed `[worker i]`.
 SIGINT and SIGTERM are forwarded to every worker. If a worker fails, the
-others are stopped and the launcher exits with status 1, naming the worker
+others are stopped, showing only their `error:`-style lines from then on
+(TensorFlow's own about the lost peer are a dozen lines each; `-v` shows
+them), and the launcher exits with status 1, naming the worker
 (2 when the worker's input was bad: never restarted);
 with `--max_restarts=N` a worker that was killed, crashed (1) or was ended
 by its watchdog (4) instead restarts the whole job (fresh ports, resuming
@@ -38,6 +40,7 @@ import time
 
 from absl import app, flags
 
+from launch import quiet as quiet_lib
 from launch import restarts as restarts_lib
 from launch.restarts import describe_exit
 from launch.status import ExitStatus
@@ -82,8 +85,19 @@ def tf_config(ports: list[int], index: int) -> str:
       "task": {"type": "worker", "index": index}})
 
 
-def _pump(stream, prefix: str, out) -> None:
+# What a worker that is being stopped after another's failure still shows:
+# its own verdict lines. TensorFlow's lines about the lost peer (collective
+# aborts from C++, a dozen lines each) say what the failed worker's line
+# already said.
+VERDICTS = ("error:", "warning:", "preempted", "interrupted", "done")
+
+
+def _pump(stream, prefix: str, out, quiet=lambda: False) -> None:
+  """Copies `stream` to `out` line by line, each after `prefix`; while
+  `quiet()`, only VERDICTS lines."""
   for line in iter(stream.readline, ""):
+    if quiet() and not line.startswith(VERDICTS):
+      continue
     out.write(f"{prefix}{line}")
     out.flush()
 
@@ -149,6 +163,8 @@ class Workers:
     ports = free_ports(num_workers)
     self.procs = []
     self.pumps = []
+    self.failed = None  # the first worker that failed: the others go quiet
+    verbose = quiet_lib.verbose(argv)
     for i in range(num_workers):
       env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
       proc = subprocess.Popen(
@@ -158,8 +174,10 @@ class Workers:
           start_new_session=True)  # signals reach workers only through us
       self.procs.append(proc)
       for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+        quiet = lambda i=i: (not verbose and self.failed is not None and
+                             self.failed != i)
         pump = threading.Thread(target=_pump, args=(stream, f"[worker {i}] ",
-                                                    out), daemon=True)
+                                                    out, quiet), daemon=True)
         pump.start()
         self.pumps.append(pump)
 
@@ -196,6 +214,7 @@ class Workers:
                      if p.returncode not in (0, ExitStatus.PREEMPTED,
                                              ExitStatus.INTERRUPTED)), None)
     if failed is not None:
+      self.failed = failed
       code = self.procs[failed].returncode
       print(f"error: worker {failed} {describe_exit(code)}; stopping the "
             "other workers", file=sys.stderr, flush=True)

@@ -6,11 +6,13 @@ resume."""
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import run_module
 from tests.helpers import image_files
 from tests.helpers.checkpoints import variables
 from trainer import data as data_lib
@@ -197,3 +199,29 @@ def test_skipping_needs_records_the_trainer_decodes():
   with pytest.raises(ConfigError, match="does not work with data.service"):
     data_lib.check_skipping(own, None, 2, service="localhost:5050")
   data_lib.check_skipping(own, None, 0, service="")  # off: anything goes
+
+
+@pytest.mark.slow
+def test_a_bad_record_in_a_two_worker_job_is_one_line_and_never_restarted(
+    tmp_path):
+  """launch.local --max_restarts=1: the worker that reads the bad image
+  names it, the job exits 2 without a restart, and the other worker, being
+  stopped, shows no TensorFlow lines about its lost peer (it printed a
+  dozen E-lines of collective aborts)."""
+  root, bad = _folder_with_a_bad_image(tmp_path)
+  result = run_module(
+      "launch.local", "--num_workers=2", "--max_restarts=1", "--",
+      "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}",
+      "--config.data.name=image_folder", f"--config.data.data_dir={root}",
+      "--config.data.image_size=6", "--config.data.global_batch_size=4",
+      "--config.data.eval_batch_size=4", "--config.train.steps=12",
+      "--config.train.steps_per_loop=4",
+      "--config.callbacks.progress_bar=False", timeout=240)
+  err = result.stderr
+  assert result.returncode == 2, err[-3000:]
+  assert re.search(rf"\[worker \d\] error: a bad record in the input at "
+                   rf"training steps 1-4: {re.escape(bad)}: ", err), err[-3000:]
+  assert "restart 1" not in err
+  after = err.split("stopping the other workers", 1)[1].splitlines()
+  assert not [l for l in after if re.match(r"\[worker \d\] [IWEF]\d{4} ", l)
+             ], after
