@@ -14,8 +14,8 @@ Public API:
 
 Packages, from the top of the import order down (a package imports only
 those below it; tests/test_layout.py pins it):
-  run.py        config -> a run in a workdir (strategy, data, task, trainer,
-                checkpoints, signals)
+  run/          config -> a run in a workdir (build: checks, strategy, data,
+                task, trainer; train: checkpoints, signals, recovery)
   fit/          the Trainer: fit, evaluate, predict, the host loop
   export/       a run's model for serving (SavedModel, .keras, TFLite)
   step/         the train step: built-in, a task's own, the optimizer update

@@ -1,5 +1,5 @@
 """SIGTERM and Ctrl-C during a run: a preemption, and a second Ctrl-C that
-stops at once (trainer/run.py installs them around training).
+stops at once (trainer/run/train.py installs them around training).
 
 At once means: in a process the launcher owns, exit with status 130 at
 once, whatever TensorFlow is doing (`exit_on_second_interrupt()`); in a
