@@ -263,3 +263,39 @@ def test_predict_on_2_workers_gives_each_worker_the_whole_result(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(np.load(tmp_path / "predict_0.npy"),
                                 np.load(tmp_path / "predict_1.npy"))
+
+
+def test_compile_habits_optimizer_and_metric_names():
+  """`optimizer="adam"`, `metrics=["accuracy", "sparse_top_k_categorical_
+  accuracy"]` as Keras' compile
+  takes them (both were an AttributeError: 'str' has no attribute
+  'from_config'): the same weights as the objects, "accuracy" the kind the
+  loss implies (sparse labels: SparseCategoricalAccuracy), each logged
+  under the name given; an unknown name or an ambiguous "accuracy" is one
+  ValueError line."""
+  x, y = _data()
+
+  def fit(optimizer, metrics):
+    model = _model()
+    trainer = Trainer(model=model, optimizer=optimizer,
+                      loss="sparse_categorical_crossentropy", metrics=metrics)
+    history = trainer.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False)
+    return model.get_weights(), history.history
+
+  named_weights, named = fit(
+      "adam", ["accuracy", "sparse_top_k_categorical_accuracy"])
+  object_weights, objects = fit(
+      keras.optimizers.Adam(),
+      [keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+  for a, b in zip(named_weights, object_weights):
+    np.testing.assert_array_equal(a, b)
+  assert named["accuracy"] == objects["accuracy"]
+  assert 0 < named["sparse_top_k_categorical_accuracy"][0] <= 1
+  with pytest.raises(ValueError, match="unknown metric 'acuracy'"):
+    Trainer(model=_model(), optimizer="adam", loss="mse",
+            metrics=["acuracy"])
+  with pytest.raises(ValueError, match="say which accuracy"):
+    Trainer(model=_model(), optimizer="adam", loss="mse",
+            metrics=["accuracy"])
+  with pytest.raises(ValueError, match="unknown optimizer 'adamm'"):
+    Trainer(model=_model(), optimizer="adamm", loss="mse")

@@ -30,15 +30,12 @@ from trainer.optimize.optimizers import (inner_optimizer, prepare_optimizers,
                                         set_learning_rate)
 from trainer.fit.predict import Predictor
 from trainer.optimize.pruning import Pruner, PruningSchedule
+from trainer.step.metrics import clone_metric, resolve_metric
 from trainer.step.loss import (ComputeLoss, float32_losses, make_compute_loss,
                                resolve_loss)
 from trainer.step.builtin import TrainStep
 from trainer.step.custom import CustomStep
 from trainer.distribute.strategy import is_chief, num_workers
-
-
-def _clone_metric(metric: keras.metrics.Metric) -> keras.metrics.Metric:
-  return metric.__class__.from_config(metric.get_config())
 
 
 class Trainer:
@@ -48,7 +45,8 @@ class Trainer:
     model: a Keras model created inside `strategy.scope()`; or, for a
       `train_step` of several models, {name: model}, the first the main one
       (evaluated with `loss`, predicted, pruned; `trainer.model`).
-    optimizer: a Keras optimizer. One created outside the scope is re-created
+    optimizer: a Keras optimizer, or its name ("adam", with Keras'
+      defaults). One created outside the scope is re-created
       inside it from its config; read the one in use from `trainer.optimizer`.
       Under the `mixed_float16` policy it is wrapped in LossScaleOptimizer.
       Several models: {model name: optimizer}, one per model trained
@@ -62,8 +60,10 @@ class Trainer:
     train_step: your own step, `(batch, step: StepContext) -> {name:
       scalar}` (trainer/step/context.py), instead of the built-in one;
       `loss` or `compute_loss` then only evaluates (neither: no `evaluate`).
-    metrics: Keras metrics, updated with (y_true, y_pred); cloned inside the
-      scope for training and for evaluation (from their config). Or a
+    metrics: Keras metrics, updated with (y_true, y_pred), or their names as
+      `compile` takes them ("accuracy": the kind the loss implies; "mae");
+      cloned inside the scope for training and for evaluation (from their
+      config). Or a
       function returning fresh instances, called once for each (a metric
       whose constructor arguments its config does not hold).
     strategy: defaults to the current `tf.distribute.get_strategy()`.
@@ -123,8 +123,10 @@ class Trainer:
     self.optimizer = self.optimizers.get(
         main, next(iter(self.optimizers.values())))
     with self.strategy.scope():
-      make = metrics if callable(metrics) else lambda: [
-          _clone_metric(m) for m in metrics]
+      given = metrics if callable(metrics) else [
+          resolve_metric(m, loss) for m in metrics]
+      make = given if callable(given) else lambda: [
+          clone_metric(m) for m in given]
       self.train_metrics = list(make())
       eval_metrics = list(make())
       self.pruner = Pruner(self.model, pruning) if pruning else None
@@ -349,7 +351,7 @@ class Trainer:
     dataset function) or `validation_split` (the last fraction of the
     arrays), evaluated at every epoch end and every `eval_every` steps.
 
-    Callbacks follow the Keras protocol (README, Callbacks), with global
+    Callbacks follow the Keras protocol (docs/callbacks.md), with global
     values (reduced over replicas and workers) in every `logs`; the batch
     hooks run once per host loop of up to `steps_per_loop` steps. Setting
     `model.stop_training = True` ends the run after the current host loop,

@@ -177,13 +177,23 @@ def build_optimizer(cfg: ml_collections.ConfigDict,
                     "momentum, adam, adamw")
 
 
+def _named_optimizer(name: str) -> keras.optimizers.Optimizer:
+  """`keras.optimizers.get(name)` with its defaults, or a ValueError line."""
+  try:
+    return keras.optimizers.get(name)
+  except (ValueError, TypeError):
+    raise ValueError(f"unknown optimizer {name!r}; give a Keras optimizer "
+                     "object or name (e.g. 'adam', 'sgd')") from None
+
+
 def prepare_optimizers(optimizer, models: dict[str, keras.Model],
                        strategy: tf.distribute.Strategy) -> tuple[dict, dict]:
   """Each model's optimizer, ready for the train step.
 
   Args:
     optimizer: one optimizer (for the first model) or {model name:
-      optimizer}; a model without one is not trained.
+      optimizer}, each an object or a Keras name ("adam"); a model without
+      one is not trained.
     models: {name: model}, built under `strategy.scope()`.
 
   Returns ({name: optimizer}, [(object given, name)]): the optimizers
@@ -205,6 +215,8 @@ def prepare_optimizers(optimizer, models: dict[str, keras.Model],
   with strategy.scope():
     for name, opt in given.items():
       aliases.append((opt, name))
+      if isinstance(opt, str):  # Keras' compile(optimizer="adam")
+        opt = _named_optimizer(opt)
       if getattr(opt, "_distribution_strategy", None) is not strategy:
         opt = opt.__class__.from_config(opt.get_config())
       opt = precision.wrap_optimizer(opt, policy)

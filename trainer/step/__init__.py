@@ -10,6 +10,7 @@
   base.py      Step: what both share (global step, after-update hook, the
                host loop's interface, StepOutput) and dense_gradients
   loss.py      ComputeLoss and the per-example loss helpers
+  metrics.py   metrics as compile takes them: objects or names ("accuracy")
   replica.py   replica-context primitives both steps share (empty replicas,
                batch-norm statistics, the all-reduce, XLA's refusal)
 
