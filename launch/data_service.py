@@ -15,7 +15,7 @@ The server runs until SIGINT or SIGTERM (exit 0). It prints one line,
 `serving <role> at host:port`, once it listens. `launch.local
 --data_service_workers=N` starts a dispatcher and N workers this way on
 localhost. Trust: like the training workers' gRPC servers, these listen on
-every interface without authentication (README.md, Trust boundary).
+every interface without authentication (docs/outputs.md, Trust boundary).
 """
 
 import signal

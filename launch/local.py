@@ -26,7 +26,7 @@ same command to resume); a second Ctrl-C stops them at once (130).
 Trust: each worker's TensorFlow gRPC server listens on all interfaces at its
 TF_CONFIG port, with no authentication (TensorFlow 2.21 cannot bind it to
 loopback); whoever reaches the port can run ops in the job. Use it only on a
-machine and network you trust (README.md, Trust boundary).
+machine and network you trust (docs/outputs.md, Trust boundary).
 """
 
 import json

@@ -197,7 +197,7 @@ def _listening(pid: int) -> set[tuple[str, int]]:
 
 def test_each_worker_listens_on_its_tf_config_port_on_every_interface(
     tmp_path):
-  """What README.md's trust boundary says: TensorFlow 2.21 binds a worker's
+  """What docs/outputs.md's trust boundary says: TensorFlow 2.21 binds a worker's
   gRPC server on all interfaces (`::`, dual-stack), at its TF_CONFIG port and
   nowhere else. If TensorFlow ever binds to the cluster spec's host, this
   fails: then bind launch.local to loopback and update the docs."""

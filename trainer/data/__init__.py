@@ -9,6 +9,8 @@ One module per path, so a reader sees which one a source takes:
   pipeline    a task's own tf.data pipeline: split by file or example, a
               resume replays the batches before it
   service     the tf.data service: decoding on other machines
+  bad_records a record that does not decode, met mid-run: its file named,
+              or (data.skip_bad_records) skipped and counted
 
 Every dataset function takes a `tf.distribute.InputContext` and returns
 per-replica batches, for `strategy.distribute_datasets_from_function`.
