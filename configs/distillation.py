@@ -127,6 +127,7 @@ class Distillation(ImageClassification):
     w = float(self.user.soft_weight)
     loss = step.mean(w * soft + (1 - w) * hard, model=student)
     step.apply(loss, "student")
+    step.update_metrics(labels, logits)  # keras-io: compiled_metrics
     return {"soft_loss": step.mean(soft), "label_loss": step.mean(hard)}
 
   def compute_loss(self, models, batch, training):

@@ -294,6 +294,10 @@ def test_example_on_two_replicas_equals_one_device(name, tmp_path, policy):
     assert not any(k.startswith("optimizers/") for k in want)  # frozen
     assert logs["sparsity"] == pytest.approx(0.5, abs=0.02)
     assert {"soft_loss", "label_loss", "eval/accuracy"} <= set(logs)
+    # the student's train accuracy, from step.update_metrics (keras-io's
+    # compiled_metrics), the same on 2 replicas as on 1 device
+    assert logs["accuracy"] == pytest.approx(
+        results["one_device"].logs["accuracy"], abs=0.01)
     evals = [r for r in read_metrics(tmp_path / "mirrored")
              if "eval/teacher_accuracy" in r]
     assert evals and evals[-1]["eval/teacher_accuracy"] > 0.5

@@ -396,3 +396,58 @@ def test_a_python_if_on_a_tensor_in_a_users_loss_and_step_still_traces(
   history = trainer.fit(x, batch_size=8, epochs=2)
   assert history.history["value"][0] != 0.0
   assert history.history["value"][1] == 0.0
+
+
+def _classifier():
+  keras.utils.set_random_seed(3)
+  return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, "relu"),
+                           keras.layers.Dense(3)])
+
+
+def _metric_step(batch, step):
+  """Keras' `self.compiled_metrics.update_state(y, y_pred)`, ported."""
+  x, y = batch
+  logits = step.models["model"](x, training=True)
+  loss = step.mean(keras.losses.sparse_categorical_crossentropy(
+      y, logits, from_logits=True))
+  step.apply(loss, "model")
+  step.update_metrics(y, logits)
+  return {"step_loss": loss}
+
+
+def _accuracy_history(strategy, train_step):
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(60, 6)).astype(np.float32)  # 60 = 3 x 16 + 12
+  y = rng.integers(0, 3, 60).astype(np.int32)
+  with strategy.scope():
+    model = _classifier()
+  trainer = Trainer(
+      model=model, optimizer=keras.optimizers.SGD(LR), strategy=strategy,
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      reduction="none"),
+      train_step=train_step, steps_per_loop=2,
+      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+  history = trainer.fit(x, y, batch_size=16, epochs=2, shuffle=False)
+  return history.history["accuracy"]
+
+
+def test_train_step_updates_the_tasks_metrics_like_the_builtin_step(
+    one_device, mirrored):
+  """step.update_metrics(y, logits) in a task's own step gives the epoch
+  accuracy the built-in step logs from the same model, data and updates
+  (exactly: the same predictions), on one device and on 2 replicas, a
+  partial last batch included (it was only what train_step returned)."""
+  builtin = _accuracy_history(one_device, None)
+  assert _accuracy_history(one_device, _metric_step) == builtin
+  assert _accuracy_history(mirrored, _metric_step) == builtin
+
+
+def test_update_metrics_without_build_metrics_is_one_error(one_device):
+  with one_device.scope():
+    model = _classifier()
+  trainer = Trainer(model=model, optimizer=keras.optimizers.SGD(LR),
+                    strategy=one_device, train_step=_metric_step)
+  x = np.zeros((16, 6), np.float32)
+  with pytest.raises(ConfigError, match="step.update_metrics: the task has "
+                     r"no build_metrics\(\)"):
+    trainer.fit(x, np.zeros(16, np.int32), batch_size=16, epochs=1)

@@ -5,9 +5,15 @@ tf.data reports an error raised inside the input pipeline's functions as
 the pipeline's own (`... transformation with iterator: Iterator::...: <the
 cause>` and `[[IteratorGetNext]]`), as InvalidArgumentError (an image that
 does not decode, a failed label check, a feature that is missing) or
-DataLossError (a truncated or corrupt TFRecord). Other errors there (a file
+DataLossError (a TFRecord whose checksum fails). Other errors there (a file
 gone from a network filesystem) may be transient and stay crashes, which a
 restart may fix.
+
+The error does not say which record: `name_the_record` finds it afterwards
+by decoding the failing host loop's records once more, one by one
+(trainer/data/files.py `first_bad`). With `data.skip_bad_records=N`,
+`Skipping` decodes each record so that a failure is caught, counted and
+skipped instead.
 """
 
 import contextlib
@@ -180,10 +186,13 @@ class Skipping:
         n = count(path, index)
         where = tf.strings.join([path, " (record ", tf.strings.as_string(
             index), ")"]) if indexed else path
-        say = (n > 0) & (n <= NAMED_WHILE_SKIPPING)
-        return tf.cond(say, lambda: tf.print(tf.strings.join([
-            "warning: skipping a bad record (data.skip_bad_records): ",
-            where]), output_stream=sys.stderr) or tf.constant(True),
+        def say():
+          tf.print(tf.strings.join([
+              "warning: skipping a bad record (data.skip_bad_records): ",
+              where]), output_stream=sys.stderr)
+          return tf.constant(True)
+
+        return tf.cond((n > 0) & (n <= NAMED_WHILE_SKIPPING), say,
                        lambda: tf.constant(False))
 
       named = tf.cond(ok, lambda: tf.constant(False), name)
@@ -212,12 +221,13 @@ class Skipping:
 
 
 class Unreadable(Exception):
-  """A file's raw records end in a read error (a truncated TFRecord)."""
+  """A file's raw records end in a read error (a TFRecord whose checksum
+  fails: bytes corrupt in the middle)."""
 
 
 def _readable(records: tf.data.Dataset):
-  """Iterates `records`; a read error (DataLossError: a TFRecord file cut
-  short or corrupt) raises Unreadable, to be looked for file by file."""
+  """Iterates `records`; a read error (DataLossError: a TFRecord file whose
+  checksum fails) raises Unreadable, to be looked for file by file."""
   try:
     yield from records
   except tf.errors.DataLossError as e:

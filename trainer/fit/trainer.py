@@ -140,7 +140,8 @@ class Trainer:
                              strategy=self.strategy,
                              global_clipnorm=global_clipnorm,
                              jit_compile=jit_compile, seed=seed,
-                             after_update=after_update)
+                             after_update=after_update,
+                             metrics=self.train_metrics)
     else:
       self.step = TrainStep(model=self.model, optimizer=self.optimizer,
                             compute_loss=self._compute_loss,

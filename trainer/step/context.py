@@ -82,7 +82,8 @@ class StepContext:
   def __init__(self, *, models: dict, updates: dict[str, OptimizerUpdate],
                aliases: list, global_count, count, rows, row_offset, step,
                seed: int, num_replicas: int,
-               apply_now: Callable[[_Applied], dict] | None = None):
+               apply_now: Callable[[_Applied], dict] | None = None,
+               metrics=()):
     self.models = models
     self.optimizers = {n: u.optimizer for n, u in updates.items()}
     self._updates, self._aliases = updates, aliases
@@ -93,6 +94,31 @@ class StepContext:
     self._draws = 0  # random_* calls so far in this step
     self.applied: list[_Applied] = []
     self.means: list[tf.Tensor] = []  # what `mean` returned
+    self._metrics = list(metrics)  # the task's build_metrics(), for training
+    self.updated_metrics = False  # update_metrics was called
+
+  def update_metrics(self, y_true, y_pred, sample_weight=None) -> None:
+    """Updates the task's `build_metrics()` with this replica's examples,
+    as Keras' `self.compiled_metrics.update_state(y, y_pred)` does: they
+    are read summed over replicas and workers and logged after every host
+    loop (`train/<name>`, accumulated over the epoch, as the built-in step
+    logs them). y_pred is cast to float32; an empty replica's zero row is
+    left out.
+
+    Raises:
+      ConfigError: the task has no build_metrics().
+    """
+    if not self._metrics:
+      raise ConfigError("step.update_metrics: the task has no "
+                        "build_metrics(); add one that returns the metrics "
+                        "to update")
+    real = lambda nest: None if nest is None else tf.nest.map_structure(
+        lambda t: t[:self.count], nest)
+    y_pred = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32),
+                                   real(y_pred))
+    for metric in self._metrics:
+      metric.update_state(real(y_true), y_pred, real(sample_weight))
+    self.updated_metrics = True
 
   def mean(self, per_example_loss, model=None, *,
            per_example: bool = True) -> tf.Tensor:

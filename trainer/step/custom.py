@@ -51,16 +51,21 @@ class CustomStep(Step):
     strategy, global_clipnorm, jit_compile, after_update: as for TrainStep
       (each optimizer's reduced gradient is clipped to global_clipnorm).
     seed: seeds `step.random_normal`.
+    metrics: the task's train metrics, for `step.update_metrics` (created
+      under the scope).
   """
-
-  updates_metrics = False  # train logs are what train_step returns
 
   def __init__(self, *, train_step: Callable, models: dict, optimizers: dict,
                strategy: tf.distribute.Strategy, aliases: list | None = None,
                global_clipnorm: float = 0.0, jit_compile: bool = False,
                seed: int = 0,
-               after_update: Callable[[tf.Tensor], None] | None = None):
+               after_update: Callable[[tf.Tensor], None] | None = None,
+               metrics=()):
     super().__init__(strategy, after_update)
+    # Train logs are what train_step returns, and the metrics it updates
+    # with step.update_metrics (known once traced).
+    self.metrics = list(metrics)
+    self.updates_metrics = False
     self._train_step = compat.converted(train_step)
     self.models = models
     self.updates = {name: OptimizerUpdate(opt, models[name].trainable_variables,
@@ -146,7 +151,7 @@ class CustomStep(Step):
                       step=tf.convert_to_tensor(self.global_step),
                       seed=self._seed,
                       num_replicas=self.strategy.num_replicas_in_sync,
-                      apply_now=apply_now)
+                      apply_now=apply_now, metrics=self.metrics)
     logs = self._train_step(padded, ctx)
     if logs is None:
       logs = {}
@@ -243,6 +248,7 @@ class CustomStep(Step):
     self._in_place = [a.done is not None for a in ctx.applied]
     self._conditional = [not always(a.when) for a in ctx.applied]
     self._log_names = sorted(logs)
+    self.updates_metrics = ctx.updated_metrics
 
   def replica_step(self, batch, want_norm=True) -> dict:
     """Replica context: the user's step, one all-reduce, then per optimizer
