@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import examples
 from trainer import data as data_lib
 from trainer.tasks import models
 from trainer.checkpoint.checkpointer import Checkpointer
@@ -71,12 +72,6 @@ def _comparable(case) -> bool:
   return case["model"] != "resnet" or (case["accum"] == 1 and not case["jit"])
 
 
-def _examples(n, seed):
-  rng = np.random.RandomState(seed)
-  return (rng.uniform(size=(n, 8, 8, 1)).astype(np.float32),
-          rng.randint(0, 10, size=n).astype(np.int32))
-
-
 def _build(case, strategy, replicas):
   cfg = default_config().model
   cfg.name, cfg.width, cfg.depth = case["model"], 8, 1
@@ -108,8 +103,8 @@ def _train(case, strategy, replicas, workdir):
   """Trains STEPS steps (stopping after 2 and resuming from a checkpoint in
   a new model if `resume`); returns (train logs, eval logs, trainer)."""
   n = GLOBAL_BATCH * (STEPS - 1) + (1 if case["partial"] else GLOBAL_BATCH)
-  x, y = _examples(n, seed=0)
-  eval_x, eval_y = _examples(70 if case["partial"] else 64, seed=1)
+  x, y = examples.images(n, seed=0)
+  eval_x, eval_y = examples.images(70 if case["partial"] else 64, seed=1)
   trainer = _build(case, strategy, replicas)
   if case["resume"]:
     trainer.fit(_batches(x, y), steps=2)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers.checkpoints import variables
 from conftest import run_modules
 from trainer.callbacks import read_metrics
 from trainer.errors import ConfigError
@@ -247,13 +248,6 @@ def _example_config(name: str, strategy: str):
   return config
 
 
-def _checkpoint(workdir) -> dict[str, np.ndarray]:
-  reader = tf.train.load_checkpoint(str(workdir / "checkpoints"))
-  return {name: reader.get_tensor(name)
-          for name in reader.get_variable_to_shape_map()
-          if "save_counter" not in name and "OBJECT_GRAPH" not in name}
-
-
 @pytest.mark.slow  # in-process, but over 5 s: CI runs it
 @pytest.mark.parametrize("name", ["gan", "distillation", "dcgan"])
 def test_example_on_two_replicas_equals_one_device(name, tmp_path, policy):
@@ -262,7 +256,7 @@ def test_example_on_two_replicas_equals_one_device(name, tmp_path, policy):
   del policy  # resets the global policy a mixed_float16 run sets
   results = {s: run(_example_config(name, s), str(tmp_path / s))
              for s in ("one_device", "mirrored")}
-  want, got = (_checkpoint(tmp_path / s) for s in ("one_device", "mirrored"))
+  want, got = (variables(tmp_path / s) for s in ("one_device", "mirrored"))
   assert sorted(got) == sorted(want)
   for key, value in want.items():
     np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6,
@@ -338,6 +332,6 @@ def test_example_trains_on_two_workers(name, two_worker_runs):
           if name == "dcgan" else ("train/soft_loss", "train/label_loss"))
   assert set(keys) <= set(last)
   assert all(np.isfinite(v) for v in last.values())
-  saved = _checkpoint(workdir)
+  saved = variables(workdir)
   model = "discriminator" if name == "dcgan" else "teacher"
   assert any(k.startswith(f"models/{model}/") for k in saved)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import examples
 from trainer import data as data_lib
 from trainer import layers
 from trainer.tasks import models
@@ -14,13 +15,6 @@ from trainer.fit.trainer import Trainer
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
                                                   reduction="none")
-
-
-def _examples(n, features=6, seed=1):
-  rng = np.random.RandomState(seed)
-  x = rng.normal(size=(n, features)).astype(np.float32)
-  y = rng.randint(0, 3, size=n).astype(np.int32)
-  return x, y
 
 
 def _every_layer_model(features=6, seed=0):
@@ -42,7 +36,7 @@ def _every_layer_model(features=6, seed=0):
 
 
 def test_dense_layer_is_bitwise_keras_dense_with_the_same_variable_paths():
-  x, _ = _examples(5)
+  x, _ = examples.features(5)
   keras.utils.set_random_seed(3)
   ours = layers.DenseLayer(4, activation="relu", name="d")
   y_ours = ours(x)
@@ -78,7 +72,7 @@ def test_digits_mlp_equals_the_keras_dense_mlp():
 
 
 def test_dense_layer_options_and_early_errors():
-  x, _ = _examples(4)
+  x, _ = examples.features(4)
   layer = layers.DenseLayer(3, use_bias=False,
                             kernel_regularizer=keras.regularizers.L2(0.5))
   layer(x)
@@ -141,7 +135,7 @@ def test_parametric_swish_values_and_config():
 
 def test_mixed_float16_float16_outputs_float32_variables_and_gradients(policy):
   policy("mixed_float16")
-  x, y = _examples(8)
+  x, y = examples.features(8)
   keras.utils.set_random_seed(0)
   dense = layers.DenseLayer(16, activation="squared_relu")
   swish = layers.ParametricSwish(
@@ -188,7 +182,7 @@ def _train(strategy, x, y, steps):
 
 def test_mirrored_equals_one_device_with_every_custom_layer(mirrored,
                                                             one_device):
-  x, y = _examples(64)
+  x, y = examples.features(64)
   x[:, :3] += 3.0 * np.arange(64)[:, None] / 64  # replicas' halves differ
   single = _train(one_device, x, y, steps=4)
   multi = _train(mirrored, x, y, steps=4)
@@ -281,7 +275,7 @@ def test_resnet50_batch_norm_follows_the_sync_switch():
 
 
 def test_keras_file_round_trip_in_safe_mode(tmp_path):
-  x, _ = _examples(10)
+  x, _ = examples.features(10)
   model = _every_layer_model()
   model(x, training=True)  # non-default batch-norm statistics
   before = model.predict(x, verbose=0)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import examples
 from trainer import data as data_lib
 from trainer.tasks import models
 from trainer.config import default_config
@@ -28,19 +29,13 @@ def _trainer(strategy, name, seed=0, learning_rate=0.1):
                  metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")])
 
 
-def _examples(n, seed=0):
-  rng = np.random.RandomState(seed)
-  return (rng.uniform(size=(n, 8, 8, 1)).astype(np.float32),
-          rng.randint(0, 10, size=n).astype(np.int32))
-
-
 @pytest.mark.parametrize("name", ["mlp", "cnn", "resnet"])
 def test_eval_with_an_empty_replica_counts_every_example_once(mirrored, name):
   """300 examples in per-replica batches of 64 on 2 replicas: the last
   batch (44) goes to replica 0 and replica 1 gets nothing. It crashed for
   conv and batch-norm models ('input depth must be evenly divisible by
   filter depth: 1 vs 32')."""
-  x, y = _examples(300)
+  x, y = examples.images(300)
   trainer = _trainer(mirrored, name)
   fn = data_lib.input_fn(tf.data.Dataset.from_tensor_slices((x, y)),
                          global_batch_size=128, training=False)
@@ -61,7 +56,7 @@ def test_finite_training_with_an_empty_replica_equals_one_device(
   CNN the weights equal those of one device (a ResNet's unsynchronized
   batch norm normalizes each replica's half on its own, so its numbers
   differ from one device by design: there it must run and count right)."""
-  x, y = _examples(65)
+  x, y = examples.images(65)
   data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
   results = {}
   for label, strategy in (("one", one_device), ("two", mirrored)):
@@ -90,7 +85,7 @@ def test_replicas_keep_one_set_of_batch_norm_statistics(mirrored, one_device):
   (learning rate 0), the first batch norm's equals one device's, also after
   a step whose one example leaves replica 1 empty (it must not count).
   (Deeper layers see inputs normalized per replica, so theirs differ.)"""
-  x, y = _examples(65)
+  x, y = examples.images(65)
   data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)  # 32, 32, 1
   moving = {}
   for label, strategy in (("one", one_device), ("two", mirrored)):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers.checkpoints import variables
 from configs import digits
 from trainer import data as data_lib
 from trainer.errors import ConfigError
@@ -95,12 +96,6 @@ def _config(steps, **pruning):
   return config
 
 
-def _checkpoint(workdir) -> dict:
-  reader = tf.train.load_checkpoint(str(workdir / "checkpoints"))
-  return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
-          if "save_counter" not in n and "OBJECT_GRAPH" not in n}
-
-
 @pytest.mark.slow  # in-process, but over 5 s: CI runs it
 def test_pruned_digits_resume_is_exact_and_accuracy_stays_near_dense(
     tmp_path):
@@ -110,7 +105,7 @@ def test_pruned_digits_resume_is_exact_and_accuracy_stays_near_dense(
   run(_config(250, **pruning), str(tmp_path / "resumed"))  # mid-schedule
   resumed = run(_config(600, **pruning), str(tmp_path / "resumed"))
   dense = run(_config(600), str(tmp_path / "dense"))
-  want, got = _checkpoint(tmp_path / "straight"), _checkpoint(
+  want, got = variables(tmp_path / "straight"), variables(
       tmp_path / "resumed")
   assert sorted(got) == sorted(want)
   assert sum("pruning_masks" in name for name in want) == 2  # dense_0, dense_1

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import examples
 from trainer import data as data_lib
 from trainer.fit.trainer import Trainer
 
@@ -19,13 +20,6 @@ def _model(strategy, seed=0, features=6):
         keras.Input((features,)),
         keras.layers.Dense(16, activation="tanh"),
         keras.layers.Dense(3, dtype="float32")])
-
-
-def _examples(n, features=6, seed=1):
-  rng = np.random.RandomState(seed)
-  x = rng.normal(size=(n, features)).astype(np.float32)
-  y = rng.randint(0, 3, size=n).astype(np.int32)
-  return x, y
 
 
 def _finite_input(x, y, global_batch):
@@ -46,7 +40,7 @@ def _train(strategy, x, y, *, global_batch, steps, optimizer, clipnorm=0.0,
 @pytest.mark.parametrize("num_examples", [40, 44])  # last batch 8 and 12 of 16
 def test_mirrored_equals_one_device_including_partial_last_batch(
     mirrored, one_device, num_examples):
-  x, y = _examples(num_examples)
+  x, y = examples.features(num_examples)
   runs = [_train(s, x, y, global_batch=16, steps=10,
                  optimizer=keras.optimizers.Adam(0.05))
           for s in (one_device, mirrored)]
@@ -65,7 +59,7 @@ def test_mirrored_equals_one_device_including_partial_last_batch(
 def test_partial_batch_is_averaged_over_its_real_size(mirrored):
   """One SGD step on 12 examples (8 + 4 over 2 replicas) equals the mean
   gradient of those 12 examples, not the sum divided by the nominal 16."""
-  x, y = _examples(12)
+  x, y = examples.features(12)
   trainer, _ = _train(mirrored, x, y, global_batch=16, steps=1,
                       optimizer=keras.optimizers.SGD(1.0))
   model = _model(tf.distribute.get_strategy())
@@ -77,7 +71,7 @@ def test_partial_batch_is_averaged_over_its_real_size(mirrored):
 
 
 def test_global_clipnorm_clips_the_reduced_gradient(mirrored):
-  x, y = _examples(16)
+  x, y = examples.features(16)
   clip = 0.05
   trainer, logs = _train(mirrored, x, y, global_batch=16, steps=1,
                          optimizer=keras.optimizers.SGD(1.0), clipnorm=clip)
@@ -99,7 +93,7 @@ def test_global_clipnorm_clips_the_reduced_gradient(mirrored):
 
 def test_overflow_on_one_replica_skips_the_step_everywhere(mirrored, policy):
   policy("mixed_float16")
-  x, y = _examples(8)
+  x, y = examples.features(8)
   x_bad = x.copy()
   x_bad[6:] = 1e30  # replica 1's half of the first global batch -> inf in f16
   x_all = np.concatenate([x_bad, x])  # step 1: poisoned, step 2: finite
@@ -141,7 +135,7 @@ def test_gradient_accumulation_equals_the_large_batch_on_two_replicas(
     mirrored, num_examples):
   """4 micro-batches of 4 per replica give the update of one 32 batch,
   including a partial last batch; metrics see every example once."""
-  x, y = _examples(num_examples)
+  x, y = examples.features(num_examples)
   runs = []
   for accum in (1, 4):
     model = _model(mirrored)
@@ -182,7 +176,7 @@ def test_xla_step_matches_the_plain_step_on_two_replicas(
   trainer supports trains like the plain step (XLA fuses differently, so
   equal to float rounding, not bits)."""
   policy(policy_name)
-  x, y = _examples(64)
+  x, y = examples.features(64)
   weights = []
   for jit in (False, True):
     model = _model(mirrored)
@@ -203,7 +197,7 @@ def test_xla_step_matches_the_plain_step_on_two_replicas(
     ids=["adam", "sgd", "momentum"])
 def test_fused_update_equals_keras_update_on_two_replicas(
     mirrored, make_optimizer):
-  x, y = _examples(64)
+  x, y = examples.features(64)
   weights = []
   for fused in (True, False):
     trainer = Trainer(model=_model(mirrored), optimizer=make_optimizer(),
@@ -232,7 +226,7 @@ def test_other_optimizers_keep_the_keras_update(mirrored):
 
 
 def test_trainer_without_a_strategy_uses_the_default_one():
-  x, y = _examples(40)
+  x, y = examples.features(40)
   trainer = Trainer(model=_model(tf.distribute.get_strategy()),
                     optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
   logs = trainer.fit(_finite_input(x, y, 16), steps=3,
@@ -247,7 +241,7 @@ def test_fit_on_an_iterator_continues_where_the_last_fit_stopped(
   """Two fits of 3 + 2 steps on one iterator read batches 0-4, the same
   updates as one fit of 5 steps; the iterator is then at batch 5."""
   strategy = request.getfixturevalue(strategy)
-  x, y = _examples(16 * 8)
+  x, y = examples.features(16 * 8)
   make = lambda: Trainer(model=_model(strategy),
                          optimizer=keras.optimizers.SGD(0.1), loss=LOSS,
                          strategy=strategy, steps_per_loop=2)
@@ -276,7 +270,7 @@ def _bn_model(strategy, synchronized=False):
 @pytest.mark.parametrize("num_examples", [21, 18])  # last batch 5 and 2 < k
 def test_accumulation_on_a_partial_batch_never_runs_an_empty_micro_batch(
     one_device, num_examples):
-  x, y = _examples(num_examples)
+  x, y = examples.features(num_examples)
   trainer = Trainer(model=_bn_model(one_device),
                     optimizer=keras.optimizers.SGD(0.1), loss=LOSS,
                     strategy=one_device, grad_accum_steps=4)
