@@ -172,6 +172,7 @@ def test_more_bad_records_than_allowed_end_the_run(tmp_path):
                             data_dir=root, skip_bad_records=1)
 
 
+@pytest.mark.slow  # in-process, three runs (~10 s): CI runs it
 def test_skipping_keeps_resume_exact(tmp_path):
   """With a bad image skipped, 8 steps then a resume to 12 end with the
   weights of 12 straight steps, tensor for tensor (a skipped record keeps
