@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVIEST_MODULES = (
     "test_slurm", "test_combinations", "test_launch_train", "test_resume",
     "test_tasks", "test_multiworker", "test_restarts", "test_export_tasks",
-    "test_custom_step", "test_file_shard", "test_bench", "test_data_service",
+    "test_custom_step", "test_export_models", "test_file_shard",
+    "test_bench", "test_data_service",
     "test_files", "test_bad_records", "test_disk_full",
     "test_multiworker_callbacks", "test_soak", "test_export")
 
