@@ -109,9 +109,12 @@ def test_two_workers_decode_about_what_one_process_does(tmp_path):
   for two_name in ("two", "files_two", "tfds_two"):
     two = _decoded(dirs[two_name])
     assert len(two) == 2, (two_name, two)
-    # Each worker trains on half and decodes about half (plus what runs
-    # ahead: shuffle buffers, prefetched batches).
-    assert trained <= sum(two) < trained + 4 * BUFFER + 8 * BATCH, (
+    # Each worker trains on half and decodes about half, plus what runs
+    # ahead: its shuffle buffer and the batches its autotuned prefetch
+    # holds, which grow under load (a task's own pipeline on a busy machine:
+    # 707 + 707, 195 ahead each; 647 + 708 on a quiet one). Unsplit, each
+    # worker would decode about as much as one process: 2x in all.
+    assert trained <= sum(two) < trained + 4 * BUFFER + 16 * BATCH, (
         two_name, two)
     for count in two:
       assert count < 0.75 * trained, (two_name, two)
