@@ -105,6 +105,20 @@ def test_bad_slurm_environment_is_one_clear_error(slurm_env, env, message):
     strategy_lib._slurm_resolver()  # pylint: disable=protected-access
 
 
+def test_any_distribution_of_one_task_per_node_is_node_order(slurm_env):
+  """SLURM sets SLURM_DISTRIBUTION=cyclic for one task per node, which is
+  train.sbatch's default: that numbered node by node too, and was refused
+  (the README's plain `sbatch launch/slurm/train.sbatch ...` exited 2)."""
+  slurm_env.setenv("SLURM_DISTRIBUTION", "cyclic")
+  slurm_env.setenv("SLURM_STEP_TASKS_PER_NODE", "1(x2)")
+  slurm_env.setenv("SLURM_STEP_NUM_TASKS", "2")
+  slurm_env.setenv("SLURM_PROCID", "1")
+  resolver = strategy_lib._slurm_resolver()  # pylint: disable=protected-access
+  assert resolver.cluster_spec().as_dict() == {"worker": [
+      "node9:18456", "node10:18456"]}
+  assert resolver.task_id == 1
+
+
 def test_multi_worker_without_tf_config_or_slurm_names_both(slurm_env):
   for key in STEP:
     slurm_env.delenv(key)

@@ -186,8 +186,11 @@ def _slurm_resolver() -> SlurmResolver:
     raise ConfigError(
         f"inconsistent SLURM step: {num_tasks} tasks, rank {rank}, tasks per "
         f"node {tasks_per_host} on {hosts}")
+  # With one task per node every distribution numbers the tasks node by
+  # node (SLURM sets `cyclic` for a job of one task per node: train.sbatch's
+  # default); with several, only `block` does.
   distribution = env.get("SLURM_DISTRIBUTION", "block").split(":")[0]
-  if distribution not in ("", "block"):
+  if distribution not in ("", "block") and max(tasks_per_host) > 1:
     raise ConfigError(
         f"SLURM task distribution {distribution!r} is not supported: workers "
         "are numbered node by node; use --distribution=block (the default)")
