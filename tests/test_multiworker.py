@@ -47,8 +47,8 @@ def test_two_workers_train_like_two_mirrored_replicas_in_one_process(
   for name, value in want.items():  # a sum of two is exact either way
     np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-7,
                                err_msg=name)
-  losses = lambda d: [(r["step"], r["train/loop_loss"])
-                      for r in read_metrics(d) if "train/loop_loss" in r]
+  losses = lambda d: [(r["step"], r["train/loss"])
+                      for r in read_metrics(d) if "train/loss" in r]
   np.testing.assert_allclose(np.array(losses(workers)),
                              np.array(losses(mirrored)), rtol=1e-6)
 

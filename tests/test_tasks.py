@@ -270,9 +270,9 @@ def test_the_builtin_task_logs_the_same_keys_as_before(tmp_path):
   run(config, str(tmp_path))
   keys = set().union(*read_metrics(tmp_path))
   assert keys == {
-      "step", "eval/accuracy", "eval/loss", "eval/num_examples",
+      "step", "epoch", "eval/accuracy", "eval/loss", "eval/num_examples",
       "train/accuracy", "train/examples", "train/examples_per_sec",
-      "train/grad_norm", "train/learning_rate", "train/loop_loss",
+      "train/grad_norm", "train/learning_rate",
       "train/loss", "train/skipped_steps", "train/step_time", "train/steps",
       "train/input_wait"}
 

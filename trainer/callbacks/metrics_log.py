@@ -1,11 +1,14 @@
 """Writes `WORKDIR/metrics.jsonl` and logs progress: one JSON object per event.
 
 Every line has `step` (the global step); train values under `train/...`
-(loss, accuracy, examples_per_sec, step_time, grad_norm, learning_rate,
-skipped_steps, loss_scale under mixed_float16) after every host loop, eval
+after every host loop, with `epoch` (from 1): `train/loss`, the metrics and
+a task's own values are means over that epoch up to `step`, continued
+across a resume (trainer/fit/epoch_window.py); `train/steps`, `examples`,
+`examples_per_sec`, `step_time`, `input_wait`, `skipped_steps` are the host
+loop's; `grad_norm`, `learning_rate`, `loss_scale` the last step's. Eval
 values under `eval/...` after every evaluation. On resume, lines past the
-restored step (written before a crash) are dropped. At each epoch end it logs one
-line with the epoch's loss and metrics. Chief only.
+restored step (written before a crash) are dropped. At each epoch end it
+logs one line with the epoch's loss and metrics. Chief only.
 """
 
 import json
@@ -14,6 +17,10 @@ import os
 from absl import logging
 
 from trainer.callbacks.base import TrainerCallback
+
+# The callbacks' `loop_loss` is the last host loop's mean: another window
+# than `loss`, kept out of the file (one window per line).
+LOOP_ONLY = ("loop_loss",)
 
 
 class MetricsLogger(TrainerCallback):
@@ -29,6 +36,7 @@ class MetricsLogger(TrainerCallback):
     super().__init__()
     self.path = path
     self._epochs = 0
+    self._epoch = 0
 
   def _write(self, record: dict) -> None:
     if self.path:
@@ -46,10 +54,14 @@ class MetricsLogger(TrainerCallback):
         with open(self.path, "w", encoding="utf-8") as f:
           f.writelines(kept)
 
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+
   def on_train_batch_end(self, batch, logs=None):
     logs = logs or {}
-    self._write({"step": self.global_step,
-                 **{f"train/{k}": v for k, v in logs.items()}})
+    self._write({"step": self.global_step, "epoch": self._epoch + 1,
+                 **{f"train/{k}": v for k, v in logs.items()
+                    if k not in LOOP_ONLY}})
     extra = (f", loss_scale {logs['loss_scale']:g}"
              if "loss_scale" in logs else "")
     logging.info("step %d: loss %.4f, %.0f examples/s%s", self.global_step,

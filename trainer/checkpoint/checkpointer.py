@@ -101,6 +101,8 @@ class Checkpointer:
     more_models, more_optimizers: a task's other models and optimizers
       ({name: ...}; trainer/step/context.py), saved under `models/<name>`,
       `optimizers/<name>` and `loss_scales/<name>`.
+    epoch_window: the epoch's running means (trainer/fit/epoch_window.py),
+      saved so a resumed run continues them.
   """
 
   def __init__(self, directory: str, *, model, optimizer, global_step,
@@ -108,7 +110,7 @@ class Checkpointer:
                allow_partial: bool = False, async_save: bool = False,
                pruning_masks: dict | None = None,
                more_models: dict | None = None,
-               more_optimizers: dict | None = None):
+               more_optimizers: dict | None = None, epoch_window=None):
     self.allow_partial = allow_partial
     self._last_saved_step, self._last_saved_path = None, None
     self._in_flight = None  # the async save being written, if any
@@ -145,6 +147,9 @@ class Checkpointer:
                 if is_loss_scaled(o)}
       if scales:
         self._state["loss_scales"] = scales
+    self._epoch_window = epoch_window
+    if epoch_window is not None:
+      self._state["epoch_window"] = epoch_window.saved
     self.checkpoint = tf.train.Checkpoint(**self._state)
     self.manager = tf.train.CheckpointManager(  # saves: this worker's copy
         self.checkpoint, self._scratch or directory, max_to_keep=max_to_keep,
@@ -224,6 +229,9 @@ class Checkpointer:
       logging.info("checkpoint %s has no loss scale (written under another "
                    "precision.policy): starting from the initial scale", path)
       del state["loss_scale"]
+    if "epoch_window" in state and not any(
+        k.startswith("epoch_window/") for k in keys):
+      del state["epoch_window"]  # the resumed epoch's means start anew
     if "loss_scales" in state:  # several optimizers: each on its own
       state["loss_scales"] = {
           n: v for n, v in state["loss_scales"].items()
@@ -270,6 +278,8 @@ class Checkpointer:
     if step == self._last_saved_step:
       return self._last_saved_path
     path = os.path.join(self.manager.directory, f"ckpt-{step}")
+    if self._epoch_window is not None:
+      self._epoch_window.save_state()
     try:
       saved = self.manager.save(checkpoint_number=step, options=self._options)
     except (tf.errors.OpError, OSError) as e:

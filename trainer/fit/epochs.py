@@ -61,16 +61,16 @@ def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
     epoch_end = plan.epoch_end(epoch_start)
     callback_list.on_epoch_begin(epoch)
     trainer.agree_on_decisions()
-    loss_sum, examples, first_step, exhausted = 0.0, 0, step, False
-    step_sums = {}  # the values a task's own train_step logs
+    window = trainer.epoch_window  # continued when restored mid-epoch
+    window.start(epoch_start, step)
+    examples, exhausted = 0, False  # examples of this call's loops
     while epoch_end is None or step < epoch_end:
       todo = trainer.steps_per_loop if epoch_end is None else min(
           trainer.steps_per_loop, epoch_end - step)
       for every in boundaries:
         todo = min(todo, every - step % every)
       callback_list.on_train_batch_begin(step - epoch_start)
-      out = trainer.train_steps(iterator, todo,
-                             reset_metrics=step == first_step)
+      out = trainer.train_steps(iterator, todo, reset_metrics=False)
       exhausted = out["steps"] < todo
       if out["steps"] == 0:
         break
@@ -79,13 +79,10 @@ def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
       check_diverged(step, out, loss_scale_logs(  # before any callback
           trainer.step.loss_scales, len(trainer.optimizers) > 1),
                      trainer.min_loss_scale)
-      loss_sum += out.pop("loss_sum")
+      window.add(out, trainer.step.log_names)
       examples += out["examples"]
-      for key in trainer.step.log_names:
-        step_sums[key] = (step_sums.get(key, 0.0) +
-                          out[key] * out["examples"])
-      logs = {**out, "loop_loss": out["loss"],
-              "loss": loss_sum / max(examples, 1)}
+      del out["loss_sum"]
+      logs = {**out, "loop_loss": out["loss"], **window.means()}
       callback_list.on_train_batch_end(step - epoch_start - 1, logs)
       if (validation is not None and eval_every and step % eval_every == 0
           and not exhausted and (epoch_end is None or step < epoch_end)):
@@ -97,10 +94,9 @@ def run_epochs(trainer, train, plan: FitPlan, validation, *, eval_every: int,
     if trainer.preempted or examples == 0:
       break  # mid-epoch preemption (the resumed run finishes the epoch),
       # or finite data that ran out exactly at the epoch boundary
-    epoch_logs = {"loss": loss_sum / max(examples, 1),
+    epoch_logs = {**window.means(),
                   **({m.name: float(m.result()) for m in trainer.train_metrics}
                      if trainer.step.updates_metrics else {}),
-                  **{k: v / examples for k, v in step_sums.items()},
                   "learning_rate": trainer.learning_rate()}
     if validation is not None:
       eval_logs = trainer.evaluate_with_callbacks(callback_list, validation)

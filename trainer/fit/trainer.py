@@ -23,6 +23,7 @@ from trainer.distribute.agreement import WorkerAgreement
 from trainer.errors import ConfigError, UserError, untraced_message
 from trainer.fit.evaluation import Evaluator
 from trainer.fit.epochs import run_epochs
+from trainer.fit.epoch_window import EpochWindow
 from trainer.fit.host_loop import host_loop
 from trainer.fit.plan import FitPlan
 from trainer.fit.logs import host_loop_logs, loss_scale_logs
@@ -130,6 +131,8 @@ class Trainer:
       self.train_metrics = list(make())
       eval_metrics = list(make())
       self.pruner = Pruner(self.model, pruning) if pruning else None
+    # Outside the scope: a plain variable, not one synchronized per replica.
+    self.epoch_window = EpochWindow(self.train_metrics)
     after_update = self.pruner and self.pruner.after_update
     if train_step is not None:
       if grad_accum_steps > 1:

@@ -68,7 +68,8 @@ def _checkpointer(built: Built) -> Checkpointer:
       more_models={n: m for n, m in trainer.models.items()
                    if m is not trainer.model},
       more_optimizers={n: o for n, o in trainer.optimizers.items()
-                       if o is not trainer.optimizer})
+                       if o is not trainer.optimizer},
+      epoch_window=trainer.epoch_window)
   try:
     checkpointer.restore_latest()
     trainer.check_same_step()
