@@ -9,6 +9,9 @@ For each source, timed interleaved with the others:
 Counted once: the records decoded to train the same steps on 1 input
 pipeline and on 2 (each worker's share, in one process), and the time to
 the first batch of a resume at an early and a late step (and their ratio).
+The same resume for a task's own tf.data pipeline over the TFRecord shards
+(`TFRecordDataset(files).map(parse and decode)`, trainer/data/pipeline.py),
+with the records it decoded to get there.
 """
 
 import os
@@ -130,6 +133,55 @@ def _resume_seconds(files, *, batch: int, start_step: int,
   return statistics.median(seconds)
 
 
+def _own_pipeline(pattern: str, count: list):
+  """A user's `train_data()` over the TFRecord shards: read, parse, decode
+  and resize, counting its decodes in `count`."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  def tick(label):
+    count[0] += 1
+    return label
+
+  def parse(record):
+    example = tf.io.parse_single_example(record, {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/class/label": tf.io.FixedLenFeature([], tf.int64)})
+    image = tf.image.resize(tf.io.decode_jpeg(example["image/encoded"], 3),
+                            (SIZE, SIZE)) / 255.0
+    label = tf.numpy_function(tick, [example["image/class/label"]],
+                              tf.int64, stateful=True)
+    return image, tf.ensure_shape(label, [])
+
+  files = tf.data.Dataset.list_files(pattern, shuffle=False)
+  return files.interleave(tf.data.TFRecordDataset, cycle_length=4).map(
+      parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _own_pipeline_resume(pattern: str, *, batch: int, starts: tuple,
+                         repeats: int) -> dict:
+  """Median seconds to the first batch of a task's own pipeline resumed at
+  each step of `starts`, and the records it decoded to get there."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from trainer.data import pipeline  # pylint: disable=import-outside-toplevel
+  out = {"resume_seconds": {}, "decoded": {}}
+  for start in starts:
+    seconds = []
+    for _ in range(repeats):
+      count = [0]
+      begin = time.perf_counter()
+      fn = pipeline.input_fn(_own_pipeline(pattern, count),
+                             global_batch_size=batch, training=True, seed=0,
+                             shuffle_buffer=256, start_step=start)
+      next(iter(fn(tf.distribute.InputContext())))
+      seconds.append(time.perf_counter() - begin)
+    out["resume_seconds"][str(start)] = statistics.median(seconds)
+    out["decoded"][str(start)] = count[0]
+  early, late = (str(s) for s in starts)
+  out["resume_ratio"] = (out["resume_seconds"][late] /
+                         out["resume_seconds"][early])
+  return out
+
+
 def bench_on_disk(repeats: int, size: str) -> dict:
   """The figures of the module docstring, per source."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -183,6 +235,9 @@ def bench_on_disk(repeats: int, size: str) -> dict:
       r["resume_ratio"] = r["resume_seconds"][str(late)] / r[
           "resume_seconds"][str(early)]
       out[name] = r
+    out["own_pipeline"] = _own_pipeline_resume(
+        os.path.join(root, "train-*.tfrecord"), batch=case.batch,
+        starts=(3, 50 * epoch_steps + 3), repeats=repeats)
   return out
 
 
@@ -202,4 +257,11 @@ def report_rows(disk: dict) -> list[str]:
         f"{r['decoded_2_pipelines']} (2 pipelines) for {r['trained']}: "
         f"x{r['decoded_ratio']:.2f}; resume at step {late} vs {early}: "
         f"x{r['resume_ratio']:.2f}")
+  own = disk.get("own_pipeline")
+  if own:
+    (early, late), decoded = own["resume_seconds"], own["decoded"]
+    rows.append(
+        f"disk        {'own pipeline':<15} resume at step {late} vs {early}: "
+        f"x{own['resume_ratio']:.2f}, decoding {decoded[late]} vs "
+        f"{decoded[early]} records to the first batch")
   return rows

@@ -1,6 +1,7 @@
 """A task that reads its training data from TFRecord shards, as a user's
 would, and counts the records its parse map decodes in this process (written
-to `user.count_dir/decoded-<pid>` at exit). Settings: user.files (a glob),
+to `user.count_dir/decoded-<start time ns>-<pid>` at exit: sorted by name,
+in the order the processes started). Settings: user.files (a glob),
 user.as_files (return trainer.data.Files instead of a tf.data pipeline),
 user.print_decoded (no Python in the map, so it runs on tf.data service
 workers: each decoded record prints `decoded <id>` to its process's stderr
@@ -9,6 +10,7 @@ instead of being counted)."""
 import atexit
 import os
 import sys
+import time
 
 import keras
 import numpy as np
@@ -51,8 +53,9 @@ class TFRecordTask:
     self.as_files = bool(config.user.get("as_files", False))
     self.print_decoded = bool(config.user.get("print_decoded", False))
     count_dir = config.user.count_dir
-    atexit.register(lambda: open(os.path.join(
-        count_dir, f"decoded-{os.getpid()}"), "w").write(str(_decoded[0])))
+    name = f"decoded-{time.time_ns()}-{os.getpid()}"
+    atexit.register(lambda: open(os.path.join(count_dir, name), "w").write(
+        str(_decoded[0])))
 
   def build_model(self):
     return keras.Sequential([keras.Input((FEATURES,)),

@@ -6,8 +6,9 @@ One module per path, so a reader sees which one a source takes:
   stream      examples in memory: a stream addressed by step (exact resume)
   files       examples in files (`Files`): each worker reads its own files,
               a resume seeks without decoding what it skips
-  pipeline    a task's own tf.data pipeline: split by file or example, a
-              resume replays the batches before it
+  pipeline    a task's own tf.data pipeline: split by file or example,
+              epochs shuffled by (seed, epoch), a resume reads at most the
+              epoch it starts in
   service     the tf.data service: decoding on other machines
   bad_records a record that does not decode, met mid-run: its file named,
               or (data.skip_bad_records) skipped and counted
@@ -16,7 +17,6 @@ Every dataset function takes a `tf.distribute.InputContext` and returns
 per-replica batches, for `strategy.distribute_datasets_from_function`.
 """
 
-from absl import logging
 
 from trainer.data import files as files_lib
 from trainer.data import service as service_lib
@@ -41,8 +41,8 @@ def train_input_fn(train, *, global_batch_size: int, seed: int,
   decoded on the tf.data service at `service` if given (one job per
   `run_id` and start step), else addressed by step if it is in memory
   (`train.arrays`), seekable if it is files (`train.files`), else a task's
-  pipeline shuffled through a buffer, replaying the batches of the steps
-  already taken. `skipping` (a bad_records.Skipping) applies to files."""
+  pipeline shuffled through a buffer epoch by epoch, a resume reading at
+  most the epoch it starts in. `skipping` (a bad_records.Skipping) applies to files."""
   if service:
     return service_lib.train_fn(train, service=service, run_id=run_id,
                                 global_batch_size=global_batch_size,
@@ -55,12 +55,6 @@ def train_input_fn(train, *, global_batch_size: int, seed: int,
     return files_lib.train_fn(train.files, global_batch_size=global_batch_size,
                               seed=seed, window=shuffle_buffer,
                               start_step=start_step, skipping=skipping)
-  if start_step:
-    logging.warning(
-        "resuming a tf.data training set at step %d: reading and dropping "
-        "the %d global batches before it (return trainer.data.Files or "
-        "arrays from train_data() for a resume without replay)", start_step,
-        start_step)
   return input_fn(train.dataset, global_batch_size=global_batch_size,
                   training=True, seed=seed, shuffle_buffer=shuffle_buffer,
                   start_step=start_step)

@@ -43,22 +43,25 @@ def every_share_has_files(examples: tf.data.Dataset, num_shards: int) -> bool:
 
 
 def shard_by_file(examples: tf.data.Dataset, num_shards: int,
-                  index: int) -> tf.data.Dataset:
+                  index: int, *, quiet: bool = False) -> tf.data.Dataset:
   """Input pipeline `index`'s share of unbatched `examples` (of
   `num_shards` pipelines): its files when every share has some, else every
-  `num_shards`-th example (logged). One pipeline: `examples` unchanged."""
+  `num_shards`-th example (logged unless `quiet`). One pipeline: `examples`
+  unchanged."""
   if num_shards == 1:
     return examples
   if every_share_has_files(examples, num_shards):
-    logging.info("input pipeline %d of %d reads its own files (sharded by "
-                 "file)", index, num_shards)
+    if not quiet:
+      logging.info("input pipeline %d of %d reads its own files (sharded "
+                   "by file)", index, num_shards)
     return _file_share(examples, num_shards, index)
-  logging.warning(
-      "the training data cannot be split by file across %d input pipelines "
-      "(it reads no files, or fewer files than pipelines): each worker runs "
-      "the whole pipeline and keeps one example in %d; write at least %d "
-      "files for each worker to read only its own", num_shards, num_shards,
-      num_shards)
+  if not quiet:
+    logging.warning(
+        "the training data cannot be split by file across %d input "
+        "pipelines (it reads no files, or fewer files than pipelines): each "
+        "worker runs the whole pipeline and keeps one example in %d; write "
+        "at least %d files for each worker to read only its own", num_shards,
+        num_shards, num_shards)
   options = tf.data.Options()
   options.experimental_distribute.auto_shard_policy = (
       tf.data.experimental.AutoShardPolicy.OFF)
