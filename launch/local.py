@@ -22,6 +22,9 @@ with the last failure's status (128 + signal for a kill). It exits 0 when
 every worker succeeds, and 75 when the workers were preempted (SIGTERM or
 Ctrl-C: they agreed on a step, saved a checkpoint and exited 75; rerun the
 same command to resume); a second Ctrl-C stops them at once (130).
+Elastic (`--min_workers=M`, `--hosts=FILE`; launch/elastic.py): a worker
+slot that cannot start again is dropped and the job goes on with fewer
+workers, down to M, and grows back when --hosts offers more.
 
 Trust: each worker's TensorFlow gRPC server listens on all interfaces at its
 TF_CONFIG port, with no authentication (TensorFlow 2.21 cannot bind it to
@@ -29,10 +32,8 @@ loopback); whoever reaches the port can run ops in the job. Use it only on a
 machine and network you trust (docs/outputs.md, Trust boundary).
 """
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +41,8 @@ import time
 
 from absl import app, flags
 
+from launch import elastic
+from launch.processes import DataService, free_ports, pump, tf_config
 from launch import quiet as quiet_lib
 from launch import restarts as restarts_lib
 from launch.restarts import describe_exit
@@ -60,100 +63,23 @@ _MAX_RESTARTS = flags.DEFINE_integer(
     "killed, crashes (status 1) or is ended by its watchdog (4); bad input "
     "(2), divergence (3), a full disk (5) and preemption (75) never restart.",
     lower_bound=0)
+_MIN_WORKERS = flags.DEFINE_integer(
+    "min_workers", 0, "Elastic: go on with fewer workers, down to this many, "
+    "when a worker slot cannot start again (its host left --hosts, or it "
+    "failed --slot_failures starts in a row); grow back up to --num_workers "
+    "when --hosts offers more. 0: --num_workers (not elastic).",
+    lower_bound=0)
+_HOSTS = flags.DEFINE_string(
+    "hosts", "", "Elastic: a file of `host[:slots]` lines (localhost here), "
+    "read at every start and watched while the job runs: the slots it may "
+    "use. '': --num_workers slots.")
+_SLOT_FAILURES = flags.DEFINE_integer(
+    "slot_failures", 3, "Elastic: failed starts in a row (no progress past "
+    "the checkpoint) after which a worker slot is dropped.", lower_bound=1)
 _GRACE = flags.DEFINE_float(
     "grace_seconds", 10.0, "After a failure, how long the other workers get "
     "to exit after SIGTERM before SIGKILL.")
 
-
-
-def free_ports(n: int) -> list[int]:
-  """n distinct free TCP ports on localhost."""
-  sockets = []
-  for _ in range(n):
-    s = socket.socket()
-    s.bind(("localhost", 0))
-    sockets.append(s)
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
-def tf_config(ports: list[int], index: int) -> str:
-  return json.dumps({
-      "cluster": {"worker": [f"localhost:{p}" for p in ports]},
-      "task": {"type": "worker", "index": index}})
-
-
-# What a worker that is being stopped after another's failure still shows:
-# its own verdict lines. TensorFlow's lines about the lost peer (collective
-# aborts from C++, a dozen lines each) say what the failed worker's line
-# already said.
-VERDICTS = ("error:", "warning:", "preempted", "interrupted", "done")
-
-
-def _pump(stream, prefix: str, out, quiet=lambda: False) -> None:
-  """Copies `stream` to `out` line by line, each after `prefix`; while
-  `quiet()`, only VERDICTS lines."""
-  for line in iter(stream.readline, ""):
-    if quiet() and not line.startswith(VERDICTS):
-      continue
-    out.write(f"{prefix}{line}")
-    out.flush()
-
-
-class DataService:
-  """A tf.data service on localhost: a dispatcher and N worker processes
-  (launch.data_service), each a real TensorFlow server."""
-
-  def __init__(self, num_workers: int, timeout: float = 120.0):
-    self.procs = []
-    self.pumps = []
-    (port,) = free_ports(1)
-    self.address = f"localhost:{port}"
-    self._start("dispatcher", ["--role=dispatcher", f"--port={port}"],
-                timeout)
-    for i in range(num_workers):
-      self._start(f"data worker {i}",
-                  ["--role=worker", f"--dispatcher={self.address}"], timeout)
-
-  def _start(self, name: str, flags_: list[str], timeout: float) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "launch.data_service", *flags_],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
-    self.procs.append(proc)
-    ready = threading.Event()
-
-    def pump_stdout():
-      for line in iter(proc.stdout.readline, ""):
-        if line.startswith("serving "):
-          ready.set()
-        sys.stdout.write(f"[{name}] {line}")
-        sys.stdout.flush()
-      ready.set()  # it ended: no longer waited for
-
-    for target in (pump_stdout, lambda: _pump(proc.stderr, f"[{name}] ",
-                                              sys.stderr)):
-      pump = threading.Thread(target=target, daemon=True)
-      pump.start()
-      self.pumps.append(pump)
-    if not ready.wait(timeout) or proc.poll() is not None:
-      self.stop()
-      raise RuntimeError(f"the tf.data service {name} did not start")
-
-  def stop(self) -> None:
-    for proc in self.procs:
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-    for proc in self.procs:
-      try:
-        proc.wait(timeout=10)
-      except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    for pump in self.pumps:
-      pump.join(timeout=5)
 
 
 class Workers:
@@ -164,6 +90,7 @@ class Workers:
     self.procs = []
     self.pumps = []
     self.failed = None  # the first worker that failed: the others go quiet
+    self.asked = False  # asked to save and stop for a resize
     verbose = quiet_lib.verbose(argv)
     for i in range(num_workers):
       env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
@@ -176,10 +103,10 @@ class Workers:
       for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
         quiet = lambda i=i: (not verbose and self.failed is not None and
                              self.failed != i)
-        pump = threading.Thread(target=_pump, args=(stream, f"[worker {i}] ",
-                                                    out, quiet), daemon=True)
-        pump.start()
-        self.pumps.append(pump)
+        thread = threading.Thread(target=pump, args=(
+            stream, f"[worker {i}] ", out, quiet), daemon=True)
+        thread.start()
+        self.pumps.append(thread)
 
   def signal_all(self, signum: int) -> None:
     for proc in self.procs:
@@ -197,49 +124,66 @@ class Workers:
     for proc in self.procs:
       proc.wait()
 
-  def wait(self, grace: float) -> tuple[int, int | None]:
+  def wait(self, grace: float, resize=lambda: False) -> tuple[int, int | None]:
     """Waits for all; on the first failure stops the rest. Returns the exit
     code of the first worker that failed (0 or ExitStatus.PREEMPTED if none did)
-    and its index (None if none did)."""
-    failed = None
+    and its index (None if none did). When `resize()` (polled every second)
+    turns true, asks every worker to save and stop (SIGTERM) once; a worker
+    it ends then is not a failure."""
+    failed, polled = None, time.monotonic()
     while failed is None and any(p.poll() is None for p in self.procs):
       for i, proc in enumerate(self.procs):
-        if proc.poll() not in (None, 0, ExitStatus.PREEMPTED,
-                               ExitStatus.INTERRUPTED):
+        if proc.poll() not in (None, *self._fine):
           failed = i
           break
+      if not self.asked and time.monotonic() - polled > 1.0:
+        polled = time.monotonic()
+        if resize():
+          self.asked = True
+          self.signal_all(signal.SIGTERM)
       time.sleep(0.1)
     if failed is None:  # all have exited; one may have failed last
       failed = next((i for i, p in enumerate(self.procs)
-                     if p.returncode not in (0, ExitStatus.PREEMPTED,
-                                             ExitStatus.INTERRUPTED)), None)
+                     if p.returncode not in self._fine), None)
     if failed is not None:
       self.failed = failed
       code = self.procs[failed].returncode
       print(f"error: worker {failed} {describe_exit(code)}; stopping the "
             "other workers", file=sys.stderr, flush=True)
       self.stop(grace)
-    for pump in self.pumps:
-      pump.join(timeout=5)
+    for thread in self.pumps:
+      thread.join(timeout=5)
     if failed is not None:
       return self.procs[failed].returncode, failed
     for status in (ExitStatus.INTERRUPTED, ExitStatus.PREEMPTED):
       if any(p.returncode == status for p in self.procs):
         return status, None
+    if self.asked and any(p.returncode == -signal.SIGTERM
+                          for p in self.procs):
+      return ExitStatus.PREEMPTED, None  # ended by our SIGTERM unsaved
     return 0, None
+
+  @property
+  def _fine(self) -> tuple:
+    """Exit statuses that are not a failure: success, preemption, a second
+    Ctrl-C; and SIGTERM itself once the launcher asked for a resize."""
+    return (0, ExitStatus.PREEMPTED, ExitStatus.INTERRUPTED,
+            *((-signal.SIGTERM,) if self.asked else ()))
 
 
 class Job:
   """The workers, started again after a restartable failure (launch/
-  restarts.py) at most `max_restarts` times; SIGINT/SIGTERM stop it."""
+  restarts.py) at most `max_restarts` times, on as many as `slots` allows
+  (launch/elastic.py); SIGINT/SIGTERM stop it."""
 
-  def __init__(self, argv: list[str], num_workers: int, module: str,
+  def __init__(self, argv: list[str], slots: elastic.Slots, module: str,
                max_restarts: int):
-    self.argv, self.num_workers, self.module = argv, num_workers, module
+    self.argv, self.slots, self.module = argv, slots, module
     self.max_restarts = max_restarts
     self.workers = None
     self.stopping = False  # a signal arrived: never start workers again
     self.lock = threading.Lock()
+    self._last_seen = None  # the slots the last resize poll saw
 
   def signal(self, signum: int) -> None:
     with self.lock:
@@ -247,18 +191,64 @@ class Job:
       if self.workers:
         self.workers.signal_all(signum)
 
+  def _available(self, count: int | None) -> int:
+    """Workers that can start now; a hosts file that no longer reads keeps
+    the current count (one warning)."""
+    try:
+      return self.slots.available()
+    except ValueError as e:
+      if count is None:
+        raise
+      print(f"warning: {e}; keeping {count} workers", file=sys.stderr,
+            flush=True)
+      return count
+
+  def _resize_due(self, count: int, workdir: str | None,
+                  started_at: int) -> bool:
+    """The hosts file offers another count than `count`, the same at two
+    polls in a row (not a file caught mid-write), and the workers have
+    written a checkpoint since they started (not in their start-up)."""
+    seen = self._available(count)
+    due = seen != count and seen == self._last_seen and (
+        restarts_lib.checkpoint_step(workdir) > started_at)
+    self._last_seen = seen
+    return due
+
   def run(self, grace: float) -> int:
     """Runs until success, preemption, a failure that is not restartable
     or the last allowed restart's failure; returns the exit status."""
     restarts, reports = 0, []
     workdir = restarts_lib.workdir_of(self.argv)
+    count, why, last = None, "", None  # workers, why they change, a failure
     while True:
       with self.lock:
         if self.stopping:
           return ExitStatus.PREEMPTED
-        self.workers = Workers(self.argv, self.num_workers, self.module)
-      code, failed = self.workers.wait(grace)
+        available = self._available(count)
+        if available < self.slots.min_workers:
+          print(f"error: {available} worker(s) can start, fewer than "
+                f"--min_workers={self.slots.min_workers}"
+                + (f"; the last failure: {last[0]}" if last else ""),
+                file=sys.stderr, flush=True)
+          return restarts_lib.shell_status(last[1]) if last else (
+              ExitStatus.FAILED)
+        if count is not None and available != count:
+          print(elastic.record_resize(workdir, count, available, why),
+                file=sys.stderr, flush=True)
+        elif count is None and available < self.slots.num_workers:
+          print(f"elastic: starting on {available} of "
+                f"{self.slots.num_workers} workers (--hosts offers "
+                f"{self.slots.read()} slots)", file=sys.stderr, flush=True)
+        count, started_at = available, restarts_lib.checkpoint_step(workdir)
+        self.workers = Workers(self.argv, count, self.module)
+      code, failed = self.workers.wait(
+          grace, lambda: self._resize_due(count, workdir, started_at))
       if failed is None:
+        if (code == ExitStatus.PREEMPTED and self.workers.asked and
+            not self.stopping):
+          why = f"--hosts offers {self.slots.read()} slot(s)" + (
+              f", {self.slots.dropped} dropped" if self.slots.dropped else "")
+          continue  # saved for the resize: start again on the new count
         if code == ExitStatus.PREEMPTED:
           print("preempted: the workers saved a checkpoint and stopped; run "
                 "the same command to resume", file=sys.stderr, flush=True)
@@ -268,6 +258,7 @@ class Job:
                 file=sys.stderr, flush=True)
         return code
       cause = f"worker {failed} {describe_exit(code)}"
+      last = (cause, code)
       if self.stopping and code in (-signal.SIGTERM, -signal.SIGINT):
         print("stopped by a signal before the workers could save; run the "
               "same command to resume", file=sys.stderr, flush=True)
@@ -283,9 +274,33 @@ class Job:
         # scheduler must not retry it either.
         return (ExitStatus.BAD_INPUT if code == ExitStatus.BAD_INPUT
                 else ExitStatus.FAILED)
+      progressed = restarts_lib.checkpoint_step(workdir) > started_at
+      why = (self.slots.failed(failed, progressed)
+             if self.slots.min_workers < self.slots.num_workers else None
+            ) or cause
       restarts += 1
       reports.append(restarts_lib.record_restart(workdir, restarts, cause))
       print(reports[-1], file=sys.stderr, flush=True)
+
+
+def _slots() -> elastic.Slots:
+  """The job's worker slots from the flags; bad ones: one error line,
+  exit 2, before anything starts."""
+  minimum = _MIN_WORKERS.value or _NUM_WORKERS.value
+  try:
+    if minimum < _NUM_WORKERS.value and not _MAX_RESTARTS.value:
+      raise ValueError(f"--min_workers={minimum} below --num_workers="
+                       f"{_NUM_WORKERS.value} goes on after a failure by "
+                       "restarting: set --max_restarts >= 1")
+    slots = elastic.Slots(_NUM_WORKERS.value, minimum, _HOSTS.value or None,
+                          _SLOT_FAILURES.value)
+    if slots.available() < minimum:
+      raise ValueError(f"--hosts={_HOSTS.value} offers {slots.read()} "
+                       f"slot(s), fewer than --min_workers={minimum}")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(ExitStatus.BAD_INPUT)
+  return slots
 
 
 def main(argv: list[str]) -> None:
@@ -295,6 +310,7 @@ def main(argv: list[str]) -> None:
           "--num_workers=N -- --config=configs/digits.py --workdir=DIR",
           file=sys.stderr)
     sys.exit(ExitStatus.BAD_INPUT)
+  slots = _slots()
   service = None
   if _DATA_SERVICE_WORKERS.value:
     try:
@@ -304,8 +320,7 @@ def main(argv: list[str]) -> None:
       sys.exit(ExitStatus.FAILED)
     worker_argv = [*worker_argv, f"--config.data.service={service.address}"]
   try:
-    job = Job(worker_argv, _NUM_WORKERS.value, _MODULE.value,
-              _MAX_RESTARTS.value)
+    job = Job(worker_argv, slots, _MODULE.value, _MAX_RESTARTS.value)
     for signum in (signal.SIGINT, signal.SIGTERM):
       signal.signal(signum, lambda s, _: job.signal(s))
     code = job.run(_GRACE.value)

@@ -44,8 +44,13 @@ def test_tiny_benchmark_prints_the_table_and_writes_every_figure(tmp_path):
     assert disk["trained"] <= disk["decoded_1_pipeline"] < 2 * disk["trained"]
     assert disk["decoded_ratio"] < 1.5
     assert disk["resume_ratio"] > 0
+  own = report["disk"]["own_pipeline"]  # a task's tf.data pipeline resumed
+  assert own["resume_ratio"] > 0 and len(own["decoded"]) == 2
+  early, late = sorted(own["decoded"], key=int)
+  assert own["decoded"][late] < 2 * own["decoded"][early] + 64  # no replay
   for line in ("trainer/keras time", "bare matmul", "own matmuls run bare",
-               "stream/memory", "disk        tfrecord", "disk        image_folder"):
+               "stream/memory", "disk        tfrecord", "disk        image_folder",
+               "disk        own pipeline"):
     assert line in proc.stdout
 
 
