@@ -91,6 +91,7 @@ class Workers:
     self.pumps = []
     self.failed = None  # the first worker that failed: the others go quiet
     self.asked = False  # asked to save and stop for a resize
+    self.asked_at = self.failed_at = None  # time.monotonic() of either
     verbose = quiet_lib.verbose(argv)
     for i in range(num_workers):
       env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
@@ -139,14 +140,14 @@ class Workers:
       if not self.asked and time.monotonic() - polled > 1.0:
         polled = time.monotonic()
         if resize():
-          self.asked = True
+          self.asked, self.asked_at = True, time.monotonic()
           self.signal_all(signal.SIGTERM)
       time.sleep(0.1)
     if failed is None:  # all have exited; one may have failed last
       failed = next((i for i, p in enumerate(self.procs)
                      if p.returncode not in self._fine), None)
     if failed is not None:
-      self.failed = failed
+      self.failed, self.failed_at = failed, time.monotonic()
       code = self.procs[failed].returncode
       print(f"error: worker {failed} {describe_exit(code)}; stopping the "
             "other workers", file=sys.stderr, flush=True)
@@ -220,6 +221,7 @@ class Job:
     restarts, reports = 0, []
     workdir = restarts_lib.workdir_of(self.argv)
     count, why, last = None, "", None  # workers, why they change, a failure
+    clock = None  # the time to recover from the last failure or resize
     while True:
       with self.lock:
         if self.stopping:
@@ -240,14 +242,21 @@ class Job:
                 f"{self.slots.num_workers} workers (--hosts offers "
                 f"{self.slots.read()} slots)", file=sys.stderr, flush=True)
         count, started_at = available, restarts_lib.checkpoint_step(workdir)
+        if clock is not None:
+          clock = restarts_lib.RecoveryClock(workdir, clock[0], clock[1],
+                                             started_at)
         self.workers = Workers(self.argv, count, self.module)
       code, failed = self.workers.wait(
           grace, lambda: self._resize_due(count, workdir, started_at))
+      if isinstance(clock, restarts_lib.RecoveryClock):
+        clock.stop()
+      clock = None
       if failed is None:
         if (code == ExitStatus.PREEMPTED and self.workers.asked and
             not self.stopping):
           why = f"--hosts offers {self.slots.read()} slot(s)" + (
               f", {self.slots.dropped} dropped" if self.slots.dropped else "")
+          clock = ("resize", self.workers.asked_at)
           continue  # saved for the resize: start again on the new count
         if code == ExitStatus.PREEMPTED:
           print("preempted: the workers saved a checkpoint and stopped; run "
@@ -281,6 +290,7 @@ class Job:
       restarts += 1
       reports.append(restarts_lib.record_restart(workdir, restarts, cause))
       print(reports[-1], file=sys.stderr, flush=True)
+      clock = (f"restart {restarts}", self.workers.failed_at)
 
 
 def _slots() -> elastic.Slots:

@@ -12,6 +12,10 @@ none) and appends one event to `metrics.jsonl`:
    "cause": "worker 1 was killed by SIGKILL", "failed_after_step": <last
    step logged>, "steps_redone": <failed_after_step - resumed step>}
 The restarted chief keeps it (it drops only lines past the restored step).
+`RecoveryClock` then measures the seconds from the failure (or a resize,
+launch/elastic.py) to the first train step after it, prints them and appends
+  {"step": <first new step>, "event": "recovered", "after": "restart 1",
+   "seconds": <from the failure>}
 """
 
 import json
@@ -19,6 +23,8 @@ import os
 import re
 import signal
 import sys
+import threading
+import time
 
 from launch.status import ExitStatus
 
@@ -100,6 +106,73 @@ def record_restart(workdir: str | None, restart: int, cause: str,
   return (f"restart {restart}: {cause}; resuming from step {step}"
           + (f" (failed after step {failed_after}: {redone} steps redone)"
              if failed_after is not None else ""))
+
+
+class RecoveryClock:
+  """Watches `workdir/metrics.jsonl` (from a thread, every 0.2 s) for the
+  first train line past `resumed_step`; then prints how long it took from
+  `since` (a `time.monotonic()`: when the failure was seen, or the resize
+  asked for) and appends a "recovered" event. `stop()` ends the watch."""
+
+  def __init__(self, workdir: str | None, label: str, since: float,
+               resumed_step: int):
+    self.workdir, self.label = workdir, label
+    self.since, self.resumed_step = since, resumed_step
+    self._done = threading.Event()
+    # Lines written before the restart (past the resumed step, which the
+    # resumed chief drops) are not the new steps: read from the end.
+    try:
+      self._offset = os.path.getsize(os.path.join(workdir or "",
+                                                  "metrics.jsonl"))
+    except OSError:
+      self._offset = 0
+    self._thread = threading.Thread(target=self._watch, daemon=True)
+    if workdir:
+      self._thread.start()
+
+  def stop(self) -> None:
+    self._done.set()
+    if self._thread.is_alive():
+      self._thread.join(timeout=5)
+
+  def _first_new_step(self, offset: int) -> tuple[int | None, int]:
+    """(the first train step past the resumed one, or None; the offset to
+    read from next time)."""
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    try:
+      if os.path.getsize(path) < offset:
+        offset = 0  # rewritten shorter by the resumed chief
+      with open(path, encoding="utf-8") as f:
+        f.seek(offset)
+        text = f.read()
+    except OSError:
+      return None, offset
+    complete = text[:text.rfind("\n") + 1]
+    for line in complete.splitlines():
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if "train/loss" in record and record["step"] > self.resumed_step:
+        return record["step"], offset
+    return None, offset + len(complete.encode("utf-8"))
+
+  def _watch(self) -> None:
+    offset = self._offset
+    while not self._done.wait(0.2):
+      step, offset = self._first_new_step(offset)
+      if step is None:
+        continue
+      seconds = time.monotonic() - self.since
+      with open(os.path.join(self.workdir, "metrics.jsonl"), "a",
+                encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "event": "recovered",
+                            "after": self.label,
+                            "seconds": round(seconds, 2)}) + "\n")
+      print(f"recovered from {self.label}: training again at step {step}, "
+            f"{seconds:.1f} s after the job stopped", file=sys.stderr,
+            flush=True)
+      return
 
 
 def restarts_recorded(workdir: str | None, job: str) -> int:

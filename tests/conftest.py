@@ -22,15 +22,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # first): xdist's loadscope hands out whole modules in collection order, so
 # these go first and the many short modules fill in around them at the end
 # (longest processing time first). Collected by number of tests instead,
-# test_slurm (9 tests, ~170 s) started last and ran alone for its last
-# minutes.
+# test_launch_slurm (9 tests, ~170 s) started last and ran alone for its
+# last minutes.
 HEAVIEST_MODULES = (
-    "test_slurm", "test_combinations", "test_launch_train", "test_resume",
-    "test_tasks", "test_multiworker", "test_restarts", "test_export_tasks",
-    "test_custom_step", "test_export_models", "test_file_shard",
-    "test_bench", "test_data_service",
-    "test_files", "test_bad_records", "test_disk_full",
-    "test_multiworker_callbacks", "test_soak", "test_export")
+    "test_launch_slurm", "test_combinations", "test_launch_train",
+    "test_checkpoint_resume", "test_tasks", "test_distribute_multiworker",
+    "test_launch_restarts", "test_export_tasks", "test_step_custom",
+    "test_export_models", "test_data_file_shard", "test_launch_bench",
+    "test_launch_elastic", "test_data_pipeline_resume", "test_data_service",
+    "test_data_files", "test_data_bad_records", "test_checkpoint_disk_full",
+    "test_callbacks_multiworker", "test_distribute_soak", "test_export")
 
 
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument

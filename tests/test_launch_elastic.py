@@ -198,6 +198,13 @@ def test_a_job_that_loses_a_worker_goes_on_with_two_and_grows_back_exact(
             if r.get("event") == "resize"]
   assert [(e["from_workers"], e["to_workers"]) for e in events] == [
       (3, 2), (2, 3)]
+  # What each cost: from the failure (the resize asked) to the next step.
+  recovered = [r for r in read_metrics(tmp_path / "elastic")
+               if r.get("event") == "recovered"]
+  assert [r["after"] for r in recovered] == ["restart 1", "resize"], out[-3000:]
+  assert all(0 < r["seconds"] < 120 for r in recovered)
+  assert recovered[0]["step"] == 50 and (
+      "recovered from restart 1: training again at step 50, ") in out
   losses = lambda d: {r["step"]: r["train/loss"] for r in read_metrics(d)
                       if "train/loss" in r}
   want, got = losses(tmp_path / "straight"), losses(tmp_path / "elastic")

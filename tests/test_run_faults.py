@@ -12,7 +12,7 @@ import tensorflow as tf
 from conftest import run_module
 from trainer.callbacks import read_metrics
 from trainer.run import run
-from test_resume import PoisonWeights, _config, _input_offset
+from test_checkpoint_resume import PoisonWeights, _config, _input_offset
 
 SPIKE = ["--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.1",
          "--config.optimizer.schedule=step",

@@ -25,7 +25,7 @@ EXAMPLES = {  # config -> (overrides, a train/ key its metrics log)
     "custom_dense": ([], "train/accuracy"),
     # regression's data path (arrays, an MLP) is custom_dense's: not repeated
     "sequence": (["--config.train.steps=30"], "train/accuracy"),
-    # two models, two optimizers, alternating updates (test_custom_step.py)
+    # two models, two optimizers, alternating updates (test_step_custom.py)
     "gan": (["--config.train.steps=30"], "train/g_loss"),
 }
 

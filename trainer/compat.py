@@ -36,7 +36,7 @@ def skip_autograph(package: str) -> None:
   converts: they are what tf.function was given), and converting it cost
   1.5 s of CPU in every process (84 functions, 23% of a --testing run of
   configs/digits.py). A user's functions called from it are converted by
-  `converted` instead. Pinned by tests/test_keras_train_step.py (a user's
+  `converted` instead. Pinned by tests/test_step_keras_train_step.py (a user's
   loss and step with a Python `if` on a tensor still train)."""
   rules = tf_autograph_config.CONVERSION_RULES
   if not any(isinstance(r, tf_autograph_config.DoNotConvert) and
@@ -71,7 +71,7 @@ def op_determinism_enabled() -> bool:
   """Whether `tf.config.experimental.enable_op_determinism()` is on; TF 2.21
   has no public getter, nor a public way to turn it off again
   (`disable_op_determinism`; trainer.run keeps it to its own run,
-  tests/test_input_bound.py)."""
+  tests/test_fit_input_bound.py)."""
   return tf_config.is_op_determinism_enabled()
 
 
@@ -83,7 +83,7 @@ def shard_by_file(dataset: tf.data.Dataset, num_shards: int,
                   index: int) -> tf.data.Dataset:
   """TensorFlow 2.21's auto-shard rewrite (the one
   `experimental_distribute_dataset` applies) on one pipeline's dataset;
-  no public API applies it to a dataset alone (tests/test_file_shard.py)."""
+  no public API applies it to a dataset alone (tests/test_data_file_shard.py)."""
   return tf_distribute._AutoShardDataset(  # pylint: disable=protected-access
       dataset, num_shards, index, num_shards)
 
@@ -93,7 +93,7 @@ def all_layers(model: keras.Model) -> list:
 
   Keras 3.15 has no public recursive listing (`model.layers` is the top
   level only). Used by the batch-norm statistics (tests/test_partial_
-  batches.py), pruning (tests/test_pruning.py) and export's saveable check.
+  batches.py), pruning (tests/test_optimize_pruning.py) and export's saveable check.
   """
   return list(model._flatten_layers(include_self=False))  # pylint: disable=protected-access
 
@@ -116,7 +116,7 @@ def serialized_graph(dataset: tf.data.Dataset) -> bytes:
 def set_gradient_aggregation(optimizer, aggregate) -> bool:
   """Replaces Keras 3.15's all-reduce of gradients inside `apply` (the hook
   `_all_reduce_sum_gradients`) by `aggregate`; False if this Keras has no
-  such hook. tests/test_step.py pins mirrored == one device."""
+  such hook. tests/test_step_builtin.py pins mirrored == one device."""
   if not hasattr(optimizer, "_all_reduce_sum_gradients"):
     return False
   optimizer._all_reduce_sum_gradients = aggregate  # pylint: disable=protected-access
@@ -125,7 +125,7 @@ def set_gradient_aggregation(optimizer, aggregate) -> bool:
 
 def adam_slots(optimizer) -> tuple[list, list]:
   """(first moments, second moments) of a Keras 3.15 Adam, in the order
-  of `optimizer_variable_index` (tests/test_step.py, the fused update)."""
+  of `optimizer_variable_index` (tests/test_step_builtin.py, the fused update)."""
   return optimizer._momentums, optimizer._velocities  # pylint: disable=protected-access
 
 
@@ -137,7 +137,7 @@ def optimizer_variable_index(optimizer, variable) -> int:
 def patch_keras_async_copy(copy_to_cpu) -> None:
   """Makes Keras 3.15's TF variables use `copy_to_cpu(self, object_map)` as
   their async-checkpoint host copy (Keras' own creates a new host variable
-  on every save and fails from the second; tests/test_resume.py)."""
+  on every save and fails from the second; tests/test_checkpoint_resume.py)."""
   keras_tf_core.Variable._copy_trackable_to_cpu = copy_to_cpu  # pylint: disable=protected-access
 
 
@@ -149,7 +149,7 @@ def copy_trackable_to_cpu(variable, object_map) -> None:
 def take_async_save_error(checkpoint: tf.train.Checkpoint):
   """The error of `checkpoint`'s last async write, cleared (TensorFlow 2.21
   keeps it to re-raise at the next save or at exit); None if none
-  (tests/test_disk_full.py)."""
+  (tests/test_checkpoint_disk_full.py)."""
   helper = getattr(checkpoint, "_async_checkpointer_impl", None)
   error = getattr(helper, "_async_error", None)
   if error is not None:

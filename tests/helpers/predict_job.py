@@ -1,4 +1,4 @@
-"""One worker of a 2-worker predict job (tests/test_keras_api.py), started
+"""One worker of a 2-worker predict job (tests/test_fit_keras_api.py), started
 by `launch.local --module=predict_job -- --out=DIR`: builds the same model
 on every worker under MultiWorkerMirroredStrategy, predicts 100 rows in
 batches of 32 and saves the result and the model's own outputs to DIR."""

@@ -2,7 +2,7 @@
 
 Sleeps $THROTTLE_SECONDS (default 0.1) after every host loop, on every worker,
 so that a short run lasts long enough to be preempted in the middle
-(tests/test_slurm.py).
+(tests/test_launch_slurm.py).
 """
 
 import os

@@ -48,7 +48,7 @@ def _copy_keras_variable_to_cpu(self, object_map):
 def enable_keras_async_checkpoints() -> None:
   """Patches Keras variables so async checkpoints can save more than once.
 
-  tests/test_resume.py pins it: async checkpoints equal synchronous ones.
+  tests/test_checkpoint_resume.py pins it: async checkpoints equal synchronous ones.
   """
   compat.patch_keras_async_copy(_copy_keras_variable_to_cpu)
 

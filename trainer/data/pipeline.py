@@ -15,7 +15,7 @@ buffer, 1.5 GB of decoded ImageNet images per worker, and fails on a
 Finding the epoch needs the share's size: its cardinality where tf.data
 knows it, else a count of the records below the task's one-to-one maps
 (`_raw`): the raw records, read without running the parse and decode maps,
-up to the position (measured in tests/test_pipeline_resume.py).
+up to the position (measured in tests/test_data_pipeline_resume.py).
 """
 
 from typing import Callable

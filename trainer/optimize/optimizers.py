@@ -4,13 +4,13 @@ The train step all-reduces gradients itself (once, so that the global
 finiteness check and global-norm clipping see the reduced gradient; DESIGN.md
 facts 2 and 3). Keras 3's TF optimizer would all-reduce them a second time
 inside `apply`, so `disable_gradient_aggregation` turns that off for one
-optimizer instance. tests/test_step.py pins the result (mirrored == one device).
+optimizer instance. tests/test_step_builtin.py pins the result (mirrored == one device).
 
 `fused_update` replaces Keras' update (Adam: a dozen elementwise ops per
 variable, each a pass over its memory, plus the bias corrections recomputed
 per variable) by TensorFlow's fused kernels (one multithreaded pass) where
 the math is the same: plain Adam, and SGD with or without momentum.
-tests/test_step.py pins it against Keras' own update.
+tests/test_step_builtin.py pins it against Keras' own update.
 """
 
 import keras

@@ -4,7 +4,7 @@ found once, while the step is traced (nothing runs for them):
   - a scalar it logs or applies that was reduced with `tf.reduce_mean` or
     `tf.reduce_sum` (a Keras loss's own reduction) outside `step.mean`:
     every replica's scalar is summed over replicas, so on N replicas it is
-    N times the mean (exactly 2x on 2, tests/test_keras_train_step.py);
+    N times the mean (exactly 2x on 2, tests/test_step_keras_train_step.py);
   - a loss applied after the step that reads variables an earlier update
     of the same step changes: it sees them before that update, where a
     Keras train_step that applies the first update before computing the

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_multiworker import _worker_pids
+from test_distribute_multiworker import _worker_pids
 
 pytestmark = pytest.mark.slow
 

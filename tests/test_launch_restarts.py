@@ -16,7 +16,7 @@ import pytest
 from tests.helpers.checkpoints import variables as _variables
 from conftest import ROOT
 from launch import restarts
-from tests.test_multiworker import _alive, _worker_pids
+from tests.test_distribute_multiworker import _alive, _worker_pids
 from trainer.callbacks.metrics_log import read_metrics
 
 

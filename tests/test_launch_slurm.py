@@ -139,7 +139,7 @@ def _env(**extra) -> dict:
 def _submit(workdir, log, flags, env=None,
             config="configs/digits.py") -> str:
   """Submits train.sbatch as 2 tasks on one node; returns the job id."""
-  cmd = ["sbatch", "--parsable", "--job-name=test_slurm", "--nodes=1",
+  cmd = ["sbatch", "--parsable", "--job-name=test_launch_slurm", "--nodes=1",
          "--ntasks-per-node=2", f"--output={log}", SBATCH,
          f"--config={config}", f"--workdir={workdir}",
          "--config.callbacks.progress_bar=False", *flags]
