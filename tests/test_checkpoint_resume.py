@@ -398,6 +398,7 @@ def test_a_second_ctrl_c_in_a_notebook_raises_and_keeps_the_process(
   assert (tmp_path / "checkpoints" / "ckpt-5000.index").exists()
 
 
+@pytest.mark.slow  # in-process, three runs: ~5 s alone, 13 s in the suite
 def test_a_resumed_run_continues_the_epoch_means_it_stopped_in(tmp_path):
   """metrics.jsonl's train means (the loss, the train metrics, a task's own
   step values) are over the epoch so far, also across a resume: a run

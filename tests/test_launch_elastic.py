@@ -150,9 +150,9 @@ def test_a_job_that_loses_a_worker_goes_on_with_two_and_grows_back_exact(
   """digits, deterministic, 3 workers: worker 2 is killed at step 60 and
   its slot dropped (--slot_failures=1), the job resumes from step 40 on 2
   workers; a hosts line added grows it back to 3. Every logged loss and
-  the final weights equal the fault-free 3-worker job's to float tolerance
-  (each global batch holds the same examples; the all-reduce adds them in
-  another order on another worker count)."""
+  the final weights equal the fault-free job's (run on one device: the
+  stream gives any worker count the same global batches) to float
+  tolerance (the same examples, added in another order)."""
   hosts = _hosts(tmp_path / "hosts", "localhost:3")
   train = ["--config=configs/digits.py", "--config.train.deterministic=True",
            "--config.train.steps=160", "--config.train.steps_per_loop=10",
@@ -161,20 +161,27 @@ def test_a_job_that_loses_a_worker_goes_on_with_two_and_grows_back_exact(
            "--config.data.eval_batch_size=48",
            "--config.callbacks.progress_bar=False",
            "--config.callbacks.tensorboard=False",
-           "--config.callbacks.custom=recorder:KillAt"]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=HELPERS)
-  procs = {}
-  for kind in ("straight", "elastic"):
-    flags = (["--min_workers=2", "--max_restarts=2", "--slot_failures=1",
-              f"--hosts={hosts}"] if kind == "elastic" else [])
-    procs[kind] = subprocess.Popen(
-        [sys.executable, "-m", "launch.local", "--num_workers=3",
-         "--grace_seconds=5", *flags, "--", *train,
-         f"--workdir={tmp_path / kind}"], cwd=ROOT, text=True,
-        stdout=open(tmp_path / f"{kind}.log", "w"), stderr=subprocess.STDOUT,
-        env=dict(env, **({"KILL_AT_STEP": "60", "KILL_WORKER": "2",
-                          "KILL_ONCE_FILE": str(tmp_path / "once")}
-                         if kind == "elastic" else {})))
+           "--config.callbacks.custom=recorder:KillAt,throttle:Throttle"]
+  # Each host loop of the elastic job sleeps 0.5 s: time for the launcher to
+  # see the new hosts line and a checkpoint before the job ends.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=HELPERS,
+             THROTTLE_SECONDS="0")
+  # The fault-free reference: the same job in one process on one device
+  # (the in-memory stream gives every worker count the same global batches).
+  procs = {"straight": subprocess.Popen(
+      [sys.executable, "-m", "launch.train", *train,
+       "--config.distribution.strategy=one_device",
+       f"--workdir={tmp_path / 'straight'}"], cwd=ROOT, text=True,
+      stdout=open(tmp_path / "straight.log", "w"), stderr=subprocess.STDOUT,
+      env=env)}
+  procs["elastic"] = subprocess.Popen(
+      [sys.executable, "-m", "launch.local", "--num_workers=3",
+       "--grace_seconds=5", "--min_workers=2", "--max_restarts=2",
+       "--slot_failures=1", f"--hosts={hosts}", "--", *train,
+       f"--workdir={tmp_path / 'elastic'}"], cwd=ROOT, text=True,
+      stdout=open(tmp_path / "elastic.log", "w"), stderr=subprocess.STDOUT,
+      env=dict(env, KILL_AT_STEP="60", KILL_WORKER="2",
+               KILL_ONCE_FILE=str(tmp_path / "once"), THROTTLE_SECONDS="0.5"))
   try:
     log = tmp_path / "elastic.log"
     deadline = time.monotonic() + 300
@@ -213,7 +220,8 @@ def test_a_job_that_loses_a_worker_goes_on_with_two_and_grows_back_exact(
                              [want[s] for s in sorted(want)], rtol=1e-5)
   want, got = variables(tmp_path / "straight"), variables(tmp_path / "elastic")
   assert sorted(got) == sorted(want) and len(want) > 5
-  for name, value in want.items():
-    np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6,
+  for name, value in want.items():  # measured: 6.1e-6 at most (Adam divides
+    # a float difference in a near-zero gradient by its small second moment)
+    np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=2e-5,
                                err_msg=name)
   json.dumps(events)  # events are plain JSON
