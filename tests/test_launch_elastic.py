@@ -6,6 +6,7 @@ batches stay those of the fault-free job."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,19 @@ def _hosts(path, *lines) -> str:
   new.write_text("".join(f"{line}\n" for line in lines))
   os.replace(new, path)
   return str(path)
+
+
+def _indices(starts) -> list[str]:
+  """The worker index of each start recorded by exit_worker."""
+  return [line.split()[0] for line in starts.read_text().splitlines()]
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
 
 
 def test_the_hosts_file_counts_slots_and_names_a_bad_line(tmp_path):
@@ -98,7 +112,7 @@ def test_a_slot_that_fails_every_start_is_dropped_and_the_job_goes_on(
       "restart 2: worker 2 exited with status 1; resuming from step 0",
       "resize: 3 -> 2 workers at step 0 (worker 2 failed on 2 start(s) in "
       "a row)"], proc.stderr[-3000:]
-  assert sorted(starts.read_text().split()) == sorted("012" "012" "01")
+  assert sorted(_indices(starts)) == sorted("012" "012" "01")
 
 
 def test_fewer_workers_than_the_minimum_end_the_job_with_its_status(
@@ -130,7 +144,7 @@ def test_a_job_grows_when_the_hosts_file_offers_more(tmp_path):
                CHECKPOINT_AFTER="0.5", STARTS_FILE=str(starts)))
   try:
     deadline = time.monotonic() + 30
-    while not (starts.exists() and len(starts.read_text().split()) == 2):
+    while not (starts.exists() and len(_indices(starts)) == 2):
       assert time.monotonic() < deadline
       time.sleep(0.1)
     _hosts(tmp_path / "hosts", "localhost:2", "localhost")
@@ -140,8 +154,42 @@ def test_a_job_grows_when_the_hosts_file_offers_more(tmp_path):
   assert proc.returncode == 0, err[-3000:]
   assert "elastic: starting on 2 of 3 workers (--hosts offers 2 slots)" in err
   assert "resize: 2 -> 3 workers at step 10 (--hosts offers 3 slot(s))" in err
-  assert sorted(starts.read_text().split()) == sorted("01" "012")
+  assert sorted(_indices(starts)) == sorted("01" "012")
   del out
+
+
+@pytest.mark.slow  # ~5 s
+def test_sigterm_during_a_resize_leaves_nothing_running(tmp_path):
+  """SIGTERM to the launcher right after it started the resized job: the
+  workers of both sizes are gone when it exits, and it exits 75."""
+  hosts = _hosts(tmp_path / "hosts", "localhost:2")
+  starts = tmp_path / "starts"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "launch.local", "--module=exit_worker",
+       "--num_workers=3", "--min_workers=2", "--max_restarts=1",
+       "--grace_seconds=2", f"--hosts={hosts}", "--",
+       f"--workdir={tmp_path}"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, PYTHONPATH=HELPERS, RUN_SECONDS="30",
+               CHECKPOINT_AFTER="0.5", STARTS_FILE=str(starts)))
+  try:
+    deadline = time.monotonic() + 30
+    while not (starts.exists() and len(_indices(starts)) == 2):
+      assert time.monotonic() < deadline
+      time.sleep(0.1)
+    _hosts(tmp_path / "hosts", "localhost:3")
+    while not (len(_indices(starts)) >= 3):  # the resized job is starting
+      assert time.monotonic() < deadline and proc.poll() is None
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+  finally:
+    proc.kill()
+  err = proc.stderr.read()
+  assert code == 75, err[-3000:]
+  assert "resize: 2 -> 3 workers" in err
+  pids = [int(line.split()[1]) for line in starts.read_text().splitlines()]
+  assert len(pids) >= 3 and not [p for p in pids if _alive(p)]
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 what a worker does to the launcher, without training. Worker i (from
 TF_CONFIG) exits with $EXIT_<i> at once when it is set; the others run for
 $RUN_SECONDS (default 1) and exit 0, or 75 on SIGTERM (as launch.train
-does when preempted). Each start appends its index to $STARTS_FILE. With
+does when preempted). Each start appends "<index> <pid>" to $STARTS_FILE. With
 $CHECKPOINT_AFTER=s, worker 0 writes a checkpoint state (10 steps past the
 last, in --workdir's checkpoints/) after s seconds, as a training worker
 saving one would."""
@@ -18,7 +18,7 @@ def main() -> int:
   index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
   if os.environ.get("STARTS_FILE"):
     with open(os.environ["STARTS_FILE"], "a", encoding="utf-8") as f:
-      f.write(f"{index}\n")
+      f.write(f"{index} {os.getpid()}\n")
   if f"EXIT_{index}" in os.environ:
     return int(os.environ[f"EXIT_{index}"])
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
