@@ -40,6 +40,19 @@ def _hosts(path, *lines) -> str:
   return str(path)
 
 
+def _start_on_two_of_three(tmp_path, hosts, starts, *, run_seconds):
+  """launch.local of 3 test workers (at least 2) on `hosts`, each running
+  `run_seconds`, worker 0 writing a checkpoint state after 0.5 s."""
+  return subprocess.Popen(
+      [sys.executable, "-m", "launch.local", "--module=exit_worker",
+       "--num_workers=3", "--min_workers=2", "--max_restarts=1",
+       "--grace_seconds=2", f"--hosts={hosts}", "--",
+       f"--workdir={tmp_path}"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, PYTHONPATH=HELPERS, RUN_SECONDS=str(run_seconds),
+               CHECKPOINT_AFTER="0.5", STARTS_FILE=str(starts)))
+
+
 def _indices(starts) -> list[str]:
   """The worker index of each start recorded by exit_worker."""
   return [line.split()[0] for line in starts.read_text().splitlines()]
@@ -135,13 +148,7 @@ def test_a_job_grows_when_the_hosts_file_offers_more(tmp_path):
   (SIGTERM: exit 75) and the job starts again on 3."""
   hosts = _hosts(tmp_path / "hosts", "localhost:2")
   starts = tmp_path / "starts"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "launch.local", "--module=exit_worker",
-       "--num_workers=3", "--min_workers=2", "--max_restarts=1",
-       f"--hosts={hosts}", "--", f"--workdir={tmp_path}"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, PYTHONPATH=HELPERS, RUN_SECONDS="4",
-               CHECKPOINT_AFTER="0.5", STARTS_FILE=str(starts)))
+  proc = _start_on_two_of_three(tmp_path, hosts, starts, run_seconds=4)
   try:
     deadline = time.monotonic() + 30
     while not (starts.exists() and len(_indices(starts)) == 2):
@@ -164,14 +171,7 @@ def test_sigterm_during_a_resize_leaves_nothing_running(tmp_path):
   workers of both sizes are gone when it exits, and it exits 75."""
   hosts = _hosts(tmp_path / "hosts", "localhost:2")
   starts = tmp_path / "starts"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "launch.local", "--module=exit_worker",
-       "--num_workers=3", "--min_workers=2", "--max_restarts=1",
-       "--grace_seconds=2", f"--hosts={hosts}", "--",
-       f"--workdir={tmp_path}"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, PYTHONPATH=HELPERS, RUN_SECONDS="30",
-               CHECKPOINT_AFTER="0.5", STARTS_FILE=str(starts)))
+  proc = _start_on_two_of_three(tmp_path, hosts, starts, run_seconds=30)
   try:
     deadline = time.monotonic() + 30
     while not (starts.exists() and len(_indices(starts)) == 2):
