@@ -165,33 +165,6 @@ def test_a_job_grows_when_the_hosts_file_offers_more(tmp_path):
   del out
 
 
-@pytest.mark.slow  # ~5 s
-def test_sigterm_during_a_resize_leaves_nothing_running(tmp_path):
-  """SIGTERM to the launcher right after it started the resized job: the
-  workers of both sizes are gone when it exits, and it exits 75."""
-  hosts = _hosts(tmp_path / "hosts", "localhost:2")
-  starts = tmp_path / "starts"
-  proc = _start_on_two_of_three(tmp_path, hosts, starts, run_seconds=30)
-  try:
-    deadline = time.monotonic() + 30
-    while not (starts.exists() and len(_indices(starts)) == 2):
-      assert time.monotonic() < deadline
-      time.sleep(0.1)
-    _hosts(tmp_path / "hosts", "localhost:3")
-    while not (len(_indices(starts)) >= 3):  # the resized job is starting
-      assert time.monotonic() < deadline and proc.poll() is None
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=60)
-  finally:
-    proc.kill()
-  err = proc.stderr.read()
-  assert code == 75, err[-3000:]
-  assert "resize: 2 -> 3 workers" in err
-  pids = [int(line.split()[1]) for line in starts.read_text().splitlines()]
-  assert len(pids) >= 3 and not [p for p in pids if _alive(p)]
-
-
 @pytest.mark.slow
 def test_a_job_that_loses_a_worker_goes_on_with_two_and_grows_back_exact(
     tmp_path):
