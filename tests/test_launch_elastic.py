@@ -6,7 +6,6 @@ batches stay those of the fault-free job."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
