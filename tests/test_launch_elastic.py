@@ -57,14 +57,6 @@ def _indices(starts) -> list[str]:
   return [line.split()[0] for line in starts.read_text().splitlines()]
 
 
-def _alive(pid: int) -> bool:
-  try:
-    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except OSError:
-    return False
-
-
 def test_the_hosts_file_counts_slots_and_names_a_bad_line(tmp_path):
   path = _hosts(tmp_path / "hosts", "# two slots here", "localhost:2", "",
                 "127.0.0.1")
